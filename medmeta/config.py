@@ -80,11 +80,21 @@ class DataConfig:
             info.yaml), and testing uses its tasks.
         train, val, test: task selections of the three phases (``test`` defaults to the
             target's tasks when a target is given).
+        channels: ``null`` keeps each dataset's channels (grayscale images are repeated to 3 by
+            the backbone), ``3`` converts everything to RGB as the MedIMeta paper does, ``1`` to gray.
+        normalize: ``auto`` (follow the backbone's pretrained weights: ImageNet statistics for
+            ImageNet weights, else the official loader's mean = std = 0.5), ``official``,
+            ``imagenet`` or ``null`` (values in [0, 1]).
+        image_size: ``null`` reads images at their stored size; an int resizes every image
+            (e.g. 64 for quick runs on MedIMeta's 224-pixel images).
     """
 
     name: str = "synthetic"
     root: Optional[str] = None
     target: Optional[str] = None
+    channels: Optional[int] = None
+    normalize: Optional[str] = "auto"
+    image_size: Optional[int] = None
     train: TaskSelection = field(default_factory=lambda: TaskSelection(split="train"))
     val: TaskSelection = field(default_factory=lambda: TaskSelection(split="val"))
     test: TaskSelection = field(default_factory=lambda: TaskSelection(split="test"))
@@ -118,11 +128,17 @@ class BackboneConfig:
     """A timm model as feature extractor (:func:`medmeta.backbones.create_backbone`).
 
     ``pretrained``: ``null`` (random init), a local weights file, or a named offline source
-    (``imagenet-mobilenetv2``, ``imagenet-efficientnet-lite0``).
+    (``imagenet-mobilenetv2``, ``imagenet-efficientnet-lite0``). ``if_unavailable``: what to
+    do when a named source's package is not installed: ``error`` (stop, saying what to
+    install) or ``random`` (say so loudly and continue from random initialisation; the run
+    records ``backbone_weights: random (fallback)``). A missing local file is always an error.
+    ``image_size``: the input size the architecture was designed for (informational; the
+    data config's ``image_size`` decides what the images are resized to).
     """
 
     name: str = "medmeta_conv4_tiny"
     pretrained: Optional[str] = None
+    if_unavailable: str = "error"
     in_chans: int = 3
     image_size: int = 32
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)

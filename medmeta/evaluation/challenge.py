@@ -24,7 +24,7 @@ Usage::
 
     python -m medmeta.evaluation.challenge predict --support support/ --query query/ \
         --task-kind multiclass --classes "benign,malignant,normal" \
-        --learner protonet --backbone resnet18 --backbone-weights bb.safetensors --out preds.csv
+        --learner protonet --backbone resnet18 --backbone-weights bb.pt --out preds.csv
     python -m medmeta.evaluation.challenge convert --trust-pickle task.pkl --out task.safetensors
 """
 from __future__ import annotations
@@ -530,9 +530,7 @@ def _build_learner(args: argparse.Namespace) -> Learner:
     from medmeta.learners import create_learner
     from medmeta.learners.state import load_learner
 
-    backbone = create_backbone(args.backbone, in_chans=args.channels)
-    if args.backbone_weights:
-        backbone.load_weights(args.backbone_weights)
+    backbone = create_backbone(args.backbone, pretrained=args.backbone_weights or None, in_chans=args.channels)
     learner = create_learner(args.learner, backbone, **_parse_options(args.option))
     if args.checkpoint:
         load_learner(args.checkpoint, learner)
@@ -549,7 +547,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--classes", help="comma-separated class names in label order (default: from the tensor file)")
     pr.add_argument("--learner", required=True, help="learner name (medmeta.learners registry), e.g. protonet")
     pr.add_argument("--backbone", required=True, help="backbone name, e.g. resnet18 or medmeta_conv4")
-    pr.add_argument("--backbone-weights", help="backbone weights (safetensors or tensors-only torch file)")
+    pr.add_argument(
+        "--backbone-weights",
+        help="backbone weights: a tensors-only torch file, or a named offline source such as "
+        "imagenet-mobilenetv2 (medmeta.backbones.pretrained.list_pretrained_sources())",
+    )
     pr.add_argument("--checkpoint", help="learner checkpoint written by medmeta.learners.save_learner")
     pr.add_argument("--option", action="append", default=[], help="learner option key=value (YAML value)")
     pr.add_argument("--channels", type=int, default=3, choices=(1, 3))

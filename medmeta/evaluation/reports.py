@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 
+from medmeta.episodes.frozen import write_bytes_atomic
 from medmeta.evaluation.metrics import METRICS, mean_ci
 from medmeta.evaluation.ranking import rank_then_aggregate
 
@@ -25,22 +24,6 @@ __all__ = [
     "write_report",
     "write_bytes_atomic",
 ]
-
-
-def write_bytes_atomic(path: Union[str, Path], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_csv(df: pd.DataFrame, path: Union[str, Path]) -> Path:

@@ -24,6 +24,8 @@ __all__ = [
     "TaskPlan",
     "to_plain",
     "open_meta_dataset",
+    "resolve_normalize",
+    "ResizedMetaDataset",
     "resolve_tasks",
     "build_backbone",
     "build_learner",
@@ -60,35 +62,110 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 # data ---------------------------------------------------------------------------------------
-def open_meta_dataset(data_cfg: Any) -> Any:
-    """The meta-dataset a ``data`` config names (embedded copy, or a MedIMeta folder)."""
+def resolve_normalize(normalize: Optional[str], pretrained: Optional[str]) -> Optional[str]:
+    """The image normalisation a run uses: ``auto`` follows the backbone's weights.
+
+    ``auto``: a named offline source's own statistics (``imagenet`` for ImageNet mean/std,
+    ``official`` for mean = std = 0.5), ``imagenet`` for a local weights file, and the official
+    MedIMeta loader's ``official`` (mean = std = 0.5) for random initialisation.
+    """
+    if normalize is None or str(normalize) != "auto":
+        return None if normalize is None else str(normalize)
+    if not pretrained:
+        return "official"
+    from medmeta.backbones.pretrained import list_pretrained_sources, pretrained_normalization
+    from medmeta.data.medimeta import NORMALIZATIONS
+
+    if str(pretrained) in list_pretrained_sources():
+        mean, std = pretrained_normalization(str(pretrained))
+        for name, (m, s) in NORMALIZATIONS.items():
+            if np_close(mean, m) and np_close(std, s):
+                return name
+        return "official"
+    return "imagenet"
+
+
+def np_close(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-6 for x, y in zip(a, b))
+
+
+class ResizedMetaDataset:
+    """A meta-dataset whose sources all read images at one ``image_size`` (``data.image_size``).
+
+    Delegates everything else to the wrapped :class:`~medmeta.data.meta_dataset.MetaDataset`.
+    """
+
+    def __init__(self, meta_dataset: Any, image_size: int) -> None:
+        self.meta_dataset = meta_dataset
+        self.image_size = int(image_size)
+
+    def source(self, dataset_id: str, task_name: str, split: Any = "train", **kwargs: Any) -> Any:
+        kwargs.setdefault("image_size", self.image_size)
+        return self.meta_dataset.source(dataset_id, task_name, split=split, **kwargs)
+
+    def held_out(self, target: str) -> "ResizedMetaDataset":
+        return ResizedMetaDataset(self.meta_dataset.held_out(target), self.image_size)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "meta_dataset":  # not set yet (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.meta_dataset, name)
+
+    def __repr__(self) -> str:
+        return f"ResizedMetaDataset({self.meta_dataset!r}, image_size={self.image_size})"
+
+
+def open_meta_dataset(data_cfg: Any, pretrained: Optional[str] = None) -> Any:
+    """The meta-dataset a ``data`` config names (embedded copy, or a MedIMeta-format folder).
+
+    ``data.channels`` / ``data.normalize`` / ``data.image_size`` set how every task reads its
+    images; ``pretrained`` (``backbone.pretrained``) resolves ``normalize=auto``.
+    """
     name = str(_get(data_cfg, "name"))
-    root = _get(data_cfg, "root")
     if OmegaConf.is_config(data_cfg) and OmegaConf.is_missing(data_cfg, "root"):
+        root = None
+    else:
+        root = _get(data_cfg, "root")
+    if root is None and name not in EMBEDDED_DATA:
         raise ConfigError(
             f"data.root is required for data={name}: pass data.root=/path/to/medimeta (a folder with one "
-            f"sub-folder per dataset, each holding info.yaml)"
+            f"sub-folder per dataset, each holding info.yaml); embedded data sets that need no root are "
+            f"{sorted(EMBEDDED_DATA)}"
         )
-    from medmeta.data import MetaDataset
+    channels = _get(data_cfg, "channels")
+    if channels is not None and int(channels) not in (1, 3):
+        raise ConfigError(f"data.channels: expected null (as stored), 1 or 3, got {channels}")
+    normalize = resolve_normalize(_get(data_cfg, "normalize", "auto"), pretrained)
+    from medmeta.data.medimeta import NORMALIZATIONS
+
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise ConfigError(f"data.normalize: expected auto, null or one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
+    image_size = _get(data_cfg, "image_size")
+    if image_size is not None and int(image_size) < 1:
+        raise ConfigError(f"data.image_size: expected null (as stored) or a positive size, got {image_size}")
+
+    from medmeta.data.meta_dataset import MetaDataset
 
     if root is None:
-        if name not in EMBEDDED_DATA:
-            raise ConfigError(
-                f"data.root is null but data.name={name!r} has no embedded copy; embedded data sets are "
-                f"{sorted(EMBEDDED_DATA)}; give data.root=/path/to/data"
-            )
         from medmeta.data.embedded import open_default
 
-        return open_default(EMBEDDED_DATA[name])
-    path = Path(str(root)).expanduser()
-    if not path.exists():
-        raise ConfigError(f"data.root={root}: the folder does not exist (expected a MedIMeta-format data root)")
-    if not path.is_dir():
-        raise ConfigError(f"data.root={root}: not a folder (expected a MedIMeta-format data root)")
+        try:
+            path = Path(open_default(EMBEDDED_DATA[name]).root)
+        except (OSError, ValueError, ImportError) as err:
+            raise ConfigError(f"data={name}: the embedded meta-dataset could not be built or opened: {err}") from err
+    else:
+        path = Path(str(root)).expanduser()
+        if not path.exists():
+            raise ConfigError(f"data.root={root}: the folder does not exist (expected a MedIMeta-format data root)")
+        if not path.is_dir():
+            raise ConfigError(f"data.root={root}: not a folder (expected a MedIMeta-format data root)")
     try:
-        return MetaDataset(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"data.root={root}: cannot be read as a MedIMeta-format meta-dataset: {err}") from err
+        meta = MetaDataset(path, channels=None if channels is None else int(channels), normalize=normalize)
+        if not list(meta.tasks):
+            raise ValueError("no dataset with an info.yaml was found")
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise ConfigError(f"data.root={path}: cannot be read as a MedIMeta-format meta-dataset: {err}") from err
+    return meta if image_size is None else ResizedMetaDataset(meta, int(image_size))
 
 
 @dataclass
@@ -227,18 +304,51 @@ def resolve_tasks(meta_dataset: Any, data_cfg: Any, need: Sequence[str] = ("trai
 
 # models ----------------------------------------------------------------------------------------
 def build_backbone(backbone_cfg: Any) -> nn.Module:
-    """:func:`medmeta.backbones.create_backbone` from a ``backbone`` config."""
+    """:func:`medmeta.backbones.create_backbone` from a ``backbone`` config.
+
+    The returned module carries ``weights_origin`` (``"random"``, the named source, the weights
+    file, or ``"random (fallback: ...)"``) so that runs can record what they started from.
+    With ``if_unavailable=random`` a named offline source whose package is not installed is
+    replaced by random initialisation, with a warning that says what to install.
+    """
+    import logging
+    import warnings
+
     from medmeta.backbones import create_backbone
 
     name = str(_get(backbone_cfg, "name"))
     pretrained = _get(backbone_cfg, "pretrained")
+    policy = str(_get(backbone_cfg, "if_unavailable", "error") or "error")
+    if policy not in ("error", "random"):
+        raise ConfigError(f"backbone.if_unavailable: expected error or random, got {policy!r}")
     kwargs = dict(to_plain(_get(backbone_cfg, "timm_kwargs")) or {})
+    in_chans = int(_get(backbone_cfg, "in_chans", 3))
+    origin = str(pretrained) if pretrained else "random"
     try:
-        return create_backbone(name, pretrained=pretrained, in_chans=int(_get(backbone_cfg, "in_chans", 3)), **kwargs)
+        backbone = create_backbone(name, pretrained=pretrained, in_chans=in_chans, **kwargs)
+    except ModuleNotFoundError as err:  # a named source whose package is not installed
+        if policy != "random":
+            raise ConfigError(
+                f"backbone.pretrained={pretrained}: {err}; or set backbone.if_unavailable=random to continue "
+                f"from random initialisation"
+            ) from err
+        message = (
+            f"backbone.pretrained={pretrained} is not available ({err}). FALLING BACK to a randomly initialised "
+            f"{name}: results will be far below those of pretrained weights."
+        )
+        warnings.warn(message, stacklevel=2)
+        logging.getLogger("medmeta.training").warning(message)
+        try:
+            backbone = create_backbone(name, pretrained=None, in_chans=in_chans, **kwargs)
+        except (ValueError, TypeError) as err2:
+            raise ConfigError(f"backbone (name={name}): {err2}") from err2
+        origin = f"random (fallback: {pretrained} not installed)"
     except FileNotFoundError as err:
         raise ConfigError(f"backbone.pretrained={pretrained}: {err}") from err
     except (ValueError, TypeError) as err:
         raise ConfigError(f"backbone (name={name}, pretrained={pretrained}): {err}") from err
+    backbone.weights_origin = origin
+    return backbone
 
 
 def learner_name(learner_cfg: Any) -> str:

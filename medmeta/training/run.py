@@ -154,8 +154,17 @@ def training_fingerprint(cfg: DictConfig, model: torch.nn.Module, plan: Any) -> 
     if str(t.scheduler) != "none":
         trainer["steps"] = int(t.steps)  # the schedule depends on the total
     backbone = {k: to_plain(cfg.backbone[k]) for k in ("name", "in_chans", "timm_kwargs")}
+    from medmeta.training.components import resolve_normalize
+
+    data = {
+        "name": str(cfg.data.name),
+        "channels": to_plain(cfg.data.get("channels")),
+        "normalize": resolve_normalize(cfg.data.get("normalize", "auto"), cfg.backbone.get("pretrained")),
+        "image_size": to_plain(cfg.data.get("image_size")),
+    }
     return {
         "learner": to_plain(cfg.learner),
+        "data": data,
         "backbone": backbone,
         "sampler": to_plain(cfg.sampler),
         "trainer": trainer,
@@ -308,7 +317,7 @@ def run_training(cfg: Any) -> dict[str, Any]:
             )
         seed = int(cfg.trainer.seed)
         seed_everything(seed)
-        meta_dataset = open_meta_dataset(cfg.data)
+        meta_dataset = open_meta_dataset(cfg.data, cfg.backbone.pretrained)
         need = ["train"] + (["test"] if cfg.trainer.test else [])
         plan = resolve_tasks(meta_dataset, cfg.data, need=need)
         name = learner_name(cfg.learner)
@@ -400,6 +409,7 @@ def run_training(cfg: Any) -> dict[str, Any]:
             "best_step": result.best_step,
             "resumed_from_step": result.resumed_from_step,
             "world_size": ctx.world_size,
+            "backbone": {"name": str(cfg.backbone.name), "weights": getattr(backbone, "weights_origin", None)},
         }
         ctx.shutdown()  # no collectives after training: rank 0 tests alone
         if not ctx.is_main:
@@ -471,24 +481,35 @@ def run_evaluation(cfg: Any) -> pd.DataFrame:
     device = resolve_device(str(cfg.device))
     run_dir = resolve_run_dir(cfg)
     seed_everything(int(cfg.seed))
-    meta_dataset = open_meta_dataset(cfg.data)
-    plan = resolve_tasks(meta_dataset, cfg.data, need=("test",))
-    protocol = build_protocol(cfg.protocol)
-    _check_protocol_feasible(meta_dataset, plan.test, protocol)
 
     ckpt = None
     backbone_cfg = cfg.backbone
+    data_cfg = cfg.data
     if cfg.checkpoint:
         ckpt_path = _checkpoint_path(str(cfg.checkpoint))
         ckpt = load_checkpoint(ckpt_path)
-        saved_backbone = (ckpt.get("config") or {}).get("backbone")
+        saved = ckpt.get("config") or {}
+        saved_backbone = saved.get("backbone")
         if saved_backbone:
-            backbone_cfg = OmegaConf.merge(cfg.backbone, {**saved_backbone, "pretrained": None})
+            keep = {k: v for k, v in saved_backbone.items() if k in cfg.backbone}
+            backbone_cfg = OmegaConf.merge(cfg.backbone, {**keep, "pretrained": None})
             if to_plain(cfg.backbone)["name"] != saved_backbone.get("name"):
                 log.info("checkpoint: using its backbone %s instead of backbone.name=%s", saved_backbone.get("name"), cfg.backbone.name)
+        if str(cfg.data.get("normalize")) == "auto":  # read images as the checkpoint's run did
+            from medmeta.training.components import resolve_normalize
+
+            saved_data = saved.get("data") or {}
+            normalize = resolve_normalize(saved_data.get("normalize", "auto"), (saved_backbone or {}).get("pretrained"))
+            data_cfg = OmegaConf.merge(cfg.data, {"normalize": normalize})
+    meta_dataset = open_meta_dataset(data_cfg, backbone_cfg.pretrained)
+    plan = resolve_tasks(meta_dataset, data_cfg, need=("test",))
+    protocol = build_protocol(cfg.protocol)
+    _check_protocol_feasible(meta_dataset, plan.test, protocol)
     learners: dict[str, Any] = {}
+    weights_origin = None
     for method, lcfg in cfg.learners.items():
         backbone = build_backbone(backbone_cfg)
+        weights_origin = f"checkpoint {cfg.checkpoint}" if ckpt is not None else getattr(backbone, "weights_origin", None)
         learner = build_learner(lcfg, backbone, where=f"learners.{method}")
         if ckpt is not None:
             saved_name = learner_name((ckpt.get("config") or {}).get("learner", {"name": ""}))
@@ -516,8 +537,13 @@ def run_evaluation(cfg: Any) -> pd.DataFrame:
     write_json_atomic(run_dir / "tasks.json", {"test": [f"{d}/{t}" for d, t in plan.test]})
     df = run_protocol(learners, meta_dataset, plan.test, protocol, out_dir=run_dir, device=device,
                       progress=bool(cfg.progress))
-    table = results_table(df, protocol)
-    write_json_atomic(run_dir / "final_metrics.json", _summary(df, protocol))
+    header = (f"data: {cfg.data.name} ({len(plan.test)} test task(s)); backbone: {backbone_cfg.name} "
+              f"(weights: {weights_origin}); run folder: {run_dir}")
+    table = header + "\n" + results_table(df, protocol)
+    summary = _summary(df, protocol)
+    summary["backbone"] = {"name": str(backbone_cfg.name), "weights": weights_origin}
+    summary["data"] = str(cfg.data.name)
+    write_json_atomic(run_dir / "final_metrics.json", summary)
     from medmeta.evaluation.reports import write_bytes_atomic
 
     write_bytes_atomic(run_dir / "results_table.txt", (table + "\n").encode("utf-8"))

@@ -176,3 +176,76 @@ def test_tensor_files_are_read_without_pickle_code(tmp_path):
     torch.save({"support_images": torch.zeros(2, 1, 4, 4), "x": Evil()}, bad)
     with pytest.raises(ValueError, match="weights_only=True"):
         load_tensor_file(bad)
+
+
+def test_command_line_end_to_end_image_folders_checkpoint_and_multilabel(tmp_path, capsys):
+    """Support folder + CSV of label names, query folder + CSV of files, a saved learner checkpoint:
+    the command's CSV equals the Python API's predictions with the same learner."""
+    from medmeta.backbones import create_backbone
+    from medmeta.learners import ProtoNet, save_learner
+
+    src = class_source("MULTILABEL_CLASSIFICATION", n_items=48, n_labels=3, noise=0.05, seed=3)
+    names = ["effusion", "nodule", "edema"]
+    labels = torch.as_tensor(src.labels, dtype=torch.float32)
+    for part, rows in (("support", range(24)), ("query", range(24, 48))):
+        folder = tmp_path / part / "images"
+        folder.mkdir(parents=True)
+        records = []
+        for i in rows:
+            arr = (np.clip(src.images[i, 0].numpy() / 8.0, 0, 1) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(folder / f"case{i:02d}.png")
+            record = {"file": f"images/case{i:02d}.png"}
+            if part == "support":
+                record["labels"] = ";".join(n for n, v in zip(names, labels[i].tolist()) if v == 1)
+            records.append(record)
+        with open(tmp_path / part / f"{part}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    torch.manual_seed(0)
+    learner = ProtoNet(create_backbone("medmeta_conv4_tiny", in_chans=1), temperature=0.5)
+    with torch.no_grad():  # a checkpoint that differs from a fresh backbone
+        for p in learner.parameters():
+            p.add_(0.01)
+    ckpt = save_learner(tmp_path / "protonet.pt", learner)
+    out = tmp_path / "out" / "predictions.csv"
+    argv = ["predict", "--support", str(tmp_path / "support"), "--query", str(tmp_path / "query" / "query.csv"),
+            "--task-kind", "multilabel", "--classes", ",".join(names), "--learner", "protonet",
+            "--backbone", "medmeta_conv4_tiny", "--channels", "1", "--option", "temperature=0.5",
+            "--checkpoint", str(ckpt), "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = _read_csv(out)
+    assert [r["file"] for r in rows] == [f"images/case{i:02d}.png" for i in range(24, 48)]
+    assert list(rows[0])[3:] == [f"prob_{n}" for n in names]
+    probs = torch.tensor([[float(r[f"prob_{n}"]) for n in names] for r in rows])
+    for r, p in zip(rows, probs):
+        assert r["prediction"] == ";".join(n for n, v in zip(names, p.tolist()) if v > 0.5)
+    description = make_description("multilabel", names)
+    _, expected = run_challenge(learner, tmp_path / "support", tmp_path / "query" / "query.csv", description,
+                                tmp_path / "api.csv", channels=1)
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=0)
+    # the checkpoint was loaded: a fresh learner (no checkpoint) predicts otherwise
+    torch.manual_seed(0)
+    fresh = ProtoNet(create_backbone("medmeta_conv4_tiny", in_chans=1), temperature=0.5)
+    _, other = run_challenge(fresh, tmp_path / "support", tmp_path / "query" / "query.csv", description,
+                             tmp_path / "fresh.csv", channels=1)
+    assert not torch.allclose(other, expected, atol=1e-4)
+
+
+def test_command_line_bad_input_exits_with_a_clear_message(tmp_path, capsys):
+    src = class_source(counts=(4, 4, 4), noise=0.05)
+    bad = tmp_path / "bad.pt"
+    save_tensor_file(bad, {"support_images": src.images[:6], "support_labels": torch.tensor([0, 1, 2, 0, 1, 5]),
+                           "query_images": src.images[6:]})
+    base = ["predict", "--learner", "protonet", "--backbone", "medmeta_conv4_tiny", "--channels", "1",
+            "--out", str(tmp_path / "p.csv")]
+    assert main([*base, "--support", str(bad), "--task-kind", "multiclass", "--classes", "a,b,c"]) == 2
+    assert "labels outside 0..2" in capsys.readouterr().err
+    assert main([*base, "--support", str(bad)]) == 2
+    assert "--task-kind and --classes are required" in capsys.readouterr().err
+    rgb = tmp_path / "rgb.pt"
+    save_tensor_file(rgb, {"support_images": src.images[:6], "support_labels": torch.tensor([0, 1, 2, 0, 1, 2]),
+                           "query_images": src.images[6:].expand(-1, 3, -1, -1)})
+    assert main([*base, "--support", str(rgb), "--task-kind", "multiclass", "--classes", "a,b,c"]) == 2
+    assert "3 channels" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()

@@ -180,3 +180,39 @@ def test_protocol_on_cuda_matches_cpu():
         gpu = run_protocol({"protonet": _protonet("cuda")}, sources, None, cfg, device="cuda", progress=False)
         metrics = ["accuracy", "balanced_accuracy", "auroc"]
         np.testing.assert_allclose(gpu[metrics].to_numpy(), cpu[metrics].to_numpy(), atol=1e-4)
+
+
+def test_medimeta_and_l2l_reports_show_the_published_aggregates(tmp_path):
+    """medimeta: mean AUROC x 100 ± 1.96 SE per task; l2l: accuracy averaged over shots, ranked per
+    task with ties averaged; the plot has one panel per task."""
+    from PIL import Image
+
+    from medmeta.evaluation.metrics import mean_ci
+
+    sources = _sources(noise=1.0)
+    learners = {"centroid": TinyCentroidLearner(), "centroid-twin": TinyCentroidLearner(), "random": RandomGuessLearner()}
+    mm = medimeta_protocol(instances=6, n_query=2, shots=(2,))
+    df = run_protocol(learners, sources, None, mm, out_dir=tmp_path / "mm", progress=False)
+    text = (tmp_path / "mm" / "summary.md").read_text()
+    assert "| dataset | task | method | episodes | auroc (x100) | accuracy (x100) |" in text
+    for (dataset, task), _ in sources.items():
+        rows = df[(df.dataset == dataset) & (df.task == task) & (df.method == "centroid")]
+        values = rows["auroc"].to_numpy()
+        n = np.isfinite(values).sum()
+        mean = np.nanmean(values)
+        half = 1.96 * np.nanstd(values, ddof=1) / np.sqrt(n)
+        assert mean_ci(values).format(scale=100) == f"{mean * 100:.2f} ± {half * 100:.2f}"
+        assert f"| {dataset} | {task} | centroid | 6 | {mean * 100:.2f} ± {half * 100:.2f} |" in text
+    l2l = l2l_protocol(instances=3, n_query=2, shots=(2, 3))
+    df = run_protocol(learners, sources, None, l2l, out_dir=tmp_path / "l2l", progress=False)
+    text = (tmp_path / "l2l" / "summary.md").read_text()
+    # identical learners tie on every task: each gets the mean of ranks 1 and 2 (or 2 and 3)
+    per_task = df.groupby(["dataset", "task", "method", "shots"])["accuracy"].mean().groupby(["dataset", "task", "method"]).mean()
+    ranks = per_task.groupby(["dataset", "task"]).rank(ascending=False, method="average")
+    expected = ranks.groupby("method").mean()
+    assert expected["centroid"] == expected["centroid-twin"] and expected["centroid"] % 0.5 == 0
+    for method, rank in expected.items():
+        score = per_task.xs(method, level="method").mean() * 100
+        assert f"| {method} | {rank:.2f} | 4 | {score:.2f} |" in text
+    image = Image.open(tmp_path / "l2l" / "accuracy_vs_shots.png")
+    assert image.size == (1260, 640)  # 4 tasks: 3 columns x 2 rows of 4.2 x 3.2 inch panels at 100 dpi

@@ -38,7 +38,7 @@ def run(out: str, run_dir: str, overrides: list[str]) -> None:
 
     original_open = run_module.open_meta_dataset
     loop.all_reduce_gradients = recording
-    run_module.open_meta_dataset = lambda cfg: TinyMetaDataset()
+    run_module.open_meta_dataset = lambda cfg, *args: TinyMetaDataset()
     try:
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             cfg = compose("train", overrides=[f"run_dir={run_dir}", *overrides])

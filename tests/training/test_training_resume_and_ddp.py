@@ -30,7 +30,7 @@ OVERRIDES = [
 
 @pytest.fixture
 def stand_in_data(monkeypatch, tiny_meta):
-    monkeypatch.setattr(run_module, "open_meta_dataset", lambda cfg: tiny_meta)
+    monkeypatch.setattr(run_module, "open_meta_dataset", lambda cfg, *args: tiny_meta)
 
 
 def _train(run_dir: Path, *extra: str) -> dict:

@@ -515,6 +515,7 @@ def run(
                 t_tile = time.monotonic()
                 grid = tile_slide(path, backend=backend, **model.tiling)
                 tiling_seconds = time.monotonic() - t_tile
+                available = len(grid)
                 grid = grid.sample(max(1, limit), seed=seed)
                 feats = embed_tiles(path, grid, model.backbone, batch_size=batch_size, num_workers=num_workers,
                                     device=dev, transform=model.transform(), backend=backend)
@@ -524,7 +525,8 @@ def run(
                     entry["note"] = "no metadata row: slide-only prediction"
                 p = float(np.clip(model.probability(logit, row), clip, 1 - clip))
                 pace.update(time.monotonic() - t0, len(grid), tiling_seconds)
-                entry.update(status="ok", tiles=len(grid), sampled=len(grid) < cap, probability=p)
+                entry.update(status="ok", tiles=len(grid), tiles_available=available, sampled=len(grid) < available,
+                             probability=p)
             except Exception as err:  # per-slide failure: record, fall back, keep going
                 p = fallback
                 entry.update(status="failed", reason=f"{type(err).__name__}: {err}", probability=p)
@@ -583,11 +585,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Library loggers may mention slide properties (data values): keep them quiet here.
     logging.getLogger("medmeta").setLevel(logging.WARNING)
     log.setLevel(args.log_level.upper())
-    run(
-        args.data_dir, args.assets, args.output, report=args.report, time_budget=args.time_budget,
-        device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
-        max_tiles=args.max_tiles, seed=args.seed, backend=args.backend,
-    )
+    try:
+        run(
+            args.data_dir, args.assets, args.output, report=args.report, time_budget=args.time_budget,
+            device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
+            max_tiles=args.max_tiles, seed=args.seed, backend=args.backend,
+        )
+    except (FileNotFoundError, ValueError) as err:  # a missing/invalid data folder or model: one clear line
+        log.error("VisioMel runner stopped: %s", err)
+        return 2
     return 0
 
 

@@ -134,3 +134,20 @@ def test_box_conversions_and_roi_assignment():
     cells = np.array([[10, 10, 10, 10], [35, 35, 20, 20]], float)  # second: centre (45, 45), pokes out
     assert [list(i) for i in assign_to_rois(cells, rois, "center")] == [[0, 1], [0]]
     assert [list(i) for i in assign_to_rois(cells, rois, "inside")] == [[0], [0]]
+
+
+def test_command_reports_bad_input_in_one_line(tmp_path, capsys):
+    from medmeta.adapters.slides.detection.cli import main
+
+    sub, anns = tmp_path / "sub", tmp_path / "anns"
+    sub.mkdir()
+    anns.mkdir()
+    _write(anns / "a.json", [{"x": 0, "y": 0, "w": 100, "h": 100, "class": "roi"}])
+    _write(sub / "ghost.json", [{"x": 1, "y": 2, "w": 3, "h": 4, "p": 0.5}])
+    assert main(["score", "--submission", str(sub), "--annotations", str(anns)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medmeta-detect score: error: ") and "ghost.json" in err and "Traceback" not in err
+    assert main(["predict", "--checkpoint", str(tmp_path / "d.pt"), "--slides", str(tmp_path / "none"),
+                 "--out", str(sub)]) == 2
+    err = capsys.readouterr().err
+    assert "detector checkpoint" in err and "d.pt does not exist" in err

@@ -14,12 +14,17 @@ from medmeta.adapters.slides.synthetic import write_pyramidal_tiff
 
 
 class DarkBlobDetector(nn.Module):
-    """A stand-in detector with a known answer: one box per connected dark region of each tile."""
+    """A stand-in detector with a known answer: one box per connected dark region of each tile.
 
-    def __init__(self) -> None:
+    Scores are random, or with ``favour_fragments`` decrease with the box area, so that a box cut
+    by a tile edge always outscores the whole box and wins NMS unless the merging drops it.
+    """
+
+    def __init__(self, favour_fragments: bool = False) -> None:
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(1))
         self.calls = 0
+        self.favour_fragments = favour_fragments
 
     def forward(self, images):
         out = []
@@ -28,7 +33,9 @@ class DarkBlobDetector(nn.Module):
             lab, n = ndimage.label((im.mean(0) < 0.5).numpy())
             boxes = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(lab)]
             b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-            out.append({"boxes": b, "scores": 0.5 + 0.4 * torch.rand(len(b)), "labels": torch.ones(len(b), dtype=torch.int64)})
+            scores = (0.9 - ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) / 1000 if self.favour_fragments
+                      else 0.5 + 0.4 * torch.rand(len(b)))
+            out.append({"boxes": b, "scores": scores, "labels": torch.ones(len(b), dtype=torch.int64)})
         return out
 
 
@@ -90,8 +97,25 @@ def test_tissue_filtering_reads_fewer_tiles_and_keeps_the_cells(tmp_path):
         assert inside.any(), (x, y, w, h)
 
 
+def test_cut_boxes_are_dropped_even_when_they_outscore_the_whole_box(square_slide):
+    """Regression: a square 2 px from the right slide edge, cut by an inner bottom tile edge.
+
+    The neighbour below holds it whole; its right edge lies on the slide border, which must not
+    count as a cut (it used to, so the fragment was kept and won NMS whenever it scored higher).
+    """
+    path, truth = square_slide
+    for overlap in (24, 48):  # 48: stride 16, a box's whole copy may be held four tiles away
+        det = detect_slide(DarkBlobDetector(favour_fragments=True), path, tile_size=64, overlap=overlap, min_tissue=0)
+        np.testing.assert_array_equal(_sorted(det.boxes), _sorted(truth))
+    for bs in (1, 3, 8):  # batching changes nothing
+        det_b = detect_slide(DarkBlobDetector(favour_fragments=True), path, tile_size=64, overlap=24,
+                             min_tissue=0, batch_size=bs)
+        np.testing.assert_array_equal(_sorted(det_b.boxes), _sorted(truth))
+
+
 def test_run_inference_writes_one_file_per_slide(square_slide, tmp_path):
     path, truth = square_slide
+    torch.manual_seed(0)
     res = run_inference(DarkBlobDetector(), [path], tmp_path / "sub", log_fn=None, tile_size=64, overlap=24, min_tissue=0)
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["squares.json"]
     boxes, scores = read_predictions(tmp_path / "sub" / "squares.json")

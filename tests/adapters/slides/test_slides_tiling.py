@@ -92,8 +92,30 @@ def test_real_slide_tiles_at_one_micron_per_pixel(cmu_svs):
     assert read_tile(r, kept, 0).shape == (224, 224, 3)
 
 
-def test_tissue_filter_keeps_the_tiles_of_known_blobs(synthetic):
-    s = synthetic("pages", "jpeg")
+@pytest.mark.parametrize("layout", ["pages", "subifd", "aperio"])
+def test_tile_coordinates_at_requested_mpp_on_every_layout(synthetic, layout):
+    """1 um/px on a 0.5 um/px slide: level 1 where the backend sees one, else level 0 read at 448 px
+    and resized; the level-0 coordinates, and the pixels, agree across backends."""
+    s = synthetic(layout, "jpeg")
+    r = open_slide(s.path)  # tifffile: sees the sub-IFD pyramid and skips the Aperio thumbnail
+    o = open_slide(s.path, backend="openslide")  # one level for sub-IFD pyramids
+    g = tile_slide(r, tile_size=224, mpp=1.0, min_tissue=0, snap_to_tiles=False)
+    go = tile_slide(o, tile_size=224, mpp=1.0, min_tissue=0, snap_to_tiles=False)
+    assert (g.level, g.read_size, g.mpp, g.footprint) == (1, 224, 1.0, 448)
+    assert sorted(set(g.coords[:, 0].tolist())) == sorted(set(g.coords[:, 1].tolist())) == [0, 448, 896, 1344]
+    np.testing.assert_array_equal(go.coords, g.coords)
+    assert (go.level, go.read_size) == ((0, 448) if layout == "subifd" else (1, 224))
+    for i in (5, 9):
+        a, b = read_tile(r, g, i).astype(int), read_tile(o, go, i).astype(int)
+        if layout == "subifd":  # stored level 1 vs level 0 resized by 2: close, not equal
+            assert np.abs(a - b).mean() < 3
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["pages", "subifd", "aperio"])
+def test_tissue_filter_keeps_the_tiles_of_known_blobs(synthetic, layout):
+    s = synthetic(layout, "jpeg")
     r = open_slide(s.path)
     everything = tile_slide(r, tile_size=128, mpp=0.5, min_tissue=0, snap_to_tiles=False)
     kept = tile_slide(r, tile_size=128, mpp=0.5, min_tissue=0.5, snap_to_tiles=False)

@@ -194,8 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: ``predict``, ``score``, ``train`` or ``synthesize`` (see the module doc)."""
+    from medmeta.adapters.slides.errors import SlideError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, SlideError, ValueError) as err:  # AnnotationError is a ValueError
+        # bad input: one clear line naming the file and entry, not a traceback
+        print(f"medmeta-detect {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

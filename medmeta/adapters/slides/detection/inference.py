@@ -172,7 +172,8 @@ def _drop_cut_boxes(
         return np.ones(0, dtype=bool)
     x, y = float(tile_xy[0]), float(tile_xy[1])
     f = grid.footprint
-    w0, h0 = slide_size
+    # a tile edge within one read pixel of the slide border lies on it (level sizes are rounded)
+    w0, h0 = (float(v) - grid.footprint / grid.read_size for v in slide_size)
     touch = (
         ((boxes[:, 0] <= x + margin) & (x > 0))
         | ((boxes[:, 1] <= y + margin) & (y > 0))
@@ -183,12 +184,15 @@ def _drop_cut_boxes(
     if not touch.any():
         return keep
     kx, ky = int(x // grid.stride), int(y // grid.stride)
-    neigh = [xy for dx in (-2, -1, 0, 1, 2) for dy in (-2, -1, 0, 1, 2) for xy in present.get((kx + dx, ky + dy), ())
-             if xy != (x, y)]
+    reach = range(-int(np.ceil(f / grid.stride)) - 1, int(np.ceil(f / grid.stride)) + 2)  # tiles overlapping this one
+    neigh = [xy for dx in reach for dy in reach for xy in present.get((kx + dx, ky + dy), ()) if xy != (x, y)]
     for i in np.flatnonzero(touch):
         b = boxes[i]
+        # a neighbour holds the box whole when it is clear of the neighbour's inner edges; an edge
+        # lying on the slide border cuts nothing, so a box may touch it (cells at the slide edge)
         held = any(
-            nx + margin < b[0] and ny + margin < b[1] and b[2] < nx + f - margin and b[3] < ny + f - margin
+            (nx <= 0 or nx + margin < b[0]) and (ny <= 0 or ny + margin < b[1])
+            and (nx + f >= w0 or b[2] < nx + f - margin) and (ny + f >= h0 or b[3] < ny + f - margin)
             for nx, ny in neigh
         )
         keep[i] = not held

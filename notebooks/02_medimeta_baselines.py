@@ -52,14 +52,14 @@ OUT = OUT / "02_medimeta_baselines"
 OUT.mkdir(parents=True, exist_ok=True)
 
 if QUICK:  # a smoke run: a few training steps, a few test episodes
-    INSTANCES, FINETUNE_STEPS = 3, 5
+    INSTANCES, FINETUNE_STEPS = 2, 3
     MM_PT = ["trainer.steps=4", "trainer.val_every=2", "trainer.checkpoint_every=2", "trainer.batch_size=16",
              "trainer.val_max_items=16"]
     MM_MAML = ["trainer.steps=2", "trainer.val_every=1", "trainer.checkpoint_every=1", "trainer.meta_batch_size=1",
-               "trainer.val_episodes=1", "learner.inner_steps=1", "learner.eval_inner_steps=4",
+               "trainer.val_episodes=1", "learner.inner_steps=1", "learner.eval_inner_steps=2",
                "sampler.shot_range=[1,3]", "sampler.n_query=3"]
 else:  # laptop scale; the paper: 100 test episodes, early stopping with patience 5 / 10
-    INSTANCES, FINETUNE_STEPS = 20, 50
+    INSTANCES, FINETUNE_STEPS = 10, 50
     MM_PT = ["trainer.steps=150", "trainer.val_every=25", "trainer.checkpoint_every=25", "trainer.batch_size=32",
              "trainer.val_max_items=128", "trainer.patience=3"]
     MM_MAML = ["trainer.steps=30", "trainer.val_every=10", "trainer.checkpoint_every=10", "trainer.meta_batch_size=2",

@@ -29,8 +29,8 @@
 #
 # **Switches** (first code cell): `MEDIMETA_ROOT` (env) points at the real MedIMeta root (left
 # unset: the embedded real-image mini meta-dataset); `QUICK` (env `MEDMETA_NOTEBOOK_QUICK=1`,
-# set by the tests) runs fewer tasks and episodes and shorter fine-tuning; `INSTANCES` sets the
-# episodes per shot count (the challenge used 100). Outputs (CSV, Markdown summary, PNG) go to
+# set by the tests) runs fewer tasks, shot counts and episodes and shorter fine-tuning; `INSTANCES`
+# sets the episodes per shot count (the challenge used 100). Outputs (CSV, Markdown summary, PNG) go to
 # `OUT` (env `MEDMETA_NOTEBOOK_OUT`, default `notebooks/outputs/`).
 
 # %%
@@ -43,13 +43,13 @@ OUT = Path(os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().na
 OUT = OUT / "03_l2l_protocol"
 OUT.mkdir(parents=True, exist_ok=True)
 
-INSTANCES = 2 if QUICK else 10        # episodes per (task, shot count); the challenge: 100
+INSTANCES = 2 if QUICK else 5         # episodes per (task, shot count); the challenge: 100
 SHOTS = (3, 6, 10) if QUICK else tuple(range(3, 11))  # the challenge: 3..10
 N_QUERY = 10 if MEDIMETA_ROOT else 5  # query images per class; the embedded test splits are small
-MAX_TASKS = 2 if QUICK else None      # None: every classification task of the test split
-FINETUNE_STEPS = 5 if QUICK else 20
+MAX_TASKS = 2 if QUICK else None      # test tasks: the first task of each dataset (None: of every dataset)
+FINETUNE_STEPS = 5 if QUICK else 10
 print(f"quick mode: {QUICK}  ->  shots {SHOTS}, {INSTANCES} episodes per shot count, "
-      f"{MAX_TASKS or 'all'} tasks, {FINETUNE_STEPS} fine-tuning steps, {N_QUERY} query images per class")
+      f"first task of {MAX_TASKS or 'every'} dataset(s), {FINETUNE_STEPS} fine-tuning steps, {N_QUERY} query images per class")
 print("outputs go to", OUT.resolve())
 
 # %%
@@ -60,8 +60,14 @@ import torch
 
 from medmeta.backbones import create_backbone
 from medmeta.data import MetaDataset
-from medmeta.evaluation import l2l_protocol, rank_then_aggregate, run_protocol, summarize, task_ranks
-from medmeta.evaluation.reports import plot_scores_vs_shots
+from medmeta.evaluation import (
+    l2l_protocol,
+    plot_scores_vs_shots,
+    rank_then_aggregate,
+    run_protocol,
+    summarize,
+    task_ranks,
+)
 from medmeta.learners import FineTune, LinearProbe, ProtoNet
 
 pd.set_option("display.width", 160)
@@ -95,13 +101,14 @@ print(meta)
 protocol = l2l_protocol(shots=SHOTS, instances=INSTANCES, n_query=N_QUERY, on_insufficient="skip")
 print("protocol:", {k: v for k, v in protocol.to_dict().items() if k in ("shots", "instances", "n_query", "metrics", "aggregate")})
 
-# Test tasks: every classification task (None), or in quick mode the first task of the first datasets. Classes whose test
-# split cannot hold N shots + the query images are skipped for that N and reported.
+# Test tasks: the first task of each dataset (of the first MAX_TASKS datasets); pass tasks=None to
+# run_protocol for every classification task. Classes whose test split cannot hold N shots + the
+# query images are skipped for that N and reported.
 first_task_of = {}
 for entry in meta.tasks:
     first_task_of.setdefault(entry.dataset_id, entry.key)
-tasks = list(first_task_of.values())[:MAX_TASKS] if MAX_TASKS else None
-print("test tasks:", tasks or "all")
+tasks = list(first_task_of.values())[:MAX_TASKS]
+print("test tasks:", tasks)
 
 
 def backbone():

@@ -256,7 +256,7 @@ class MedIMetaTaskSource(TaskSource):
                 unique, inverse = np.unique(indices, return_inverse=True)
                 raw = self._read_hdf5(unique)
                 inverse = inverse.reshape(-1)
-                same = len(unique) == n
+                same = len(unique) == n and bool(np.all(inverse == np.arange(n)))  # already sorted
 
                 def fetch(sel: slice) -> np.ndarray:
                     return raw[sel] if same else raw[inverse[sel]]

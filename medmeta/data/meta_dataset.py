@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-import numpy as np
 
 from medmeta.data.errors import DataFormatError, MissingDataError, UnknownNameError, known_names
 from medmeta.data.info import DatasetInfo, read_info

@@ -133,12 +133,24 @@ def test_tiff_fallback_equals_hdf5(hand_root):
                                    atol=1e-6)
 
 
-def test_batch_read_matches_per_item_reads_in_any_order_with_repeats(hand_root):
+@pytest.mark.parametrize("memory_map", [True, False])
+@pytest.mark.parametrize("positions", [[11, 0, 5, 5, 3, 11, 7], [9, 2, 4, 0], [1, 2, 3, 4], [6, 6]])
+def test_batch_read_matches_per_item_reads_in_any_order(hand_root, memory_map, positions):
+    src = MedIMetaTaskSource(hand_root, "hand_rgb", "findings", split=None, memory_map=memory_map)
+    batch = src.read_images(positions)
+    assert isinstance(src._images(), np.ndarray) == memory_map  # which read path ran
+    for row, pos in zip(batch, positions):
+        np.testing.assert_allclose(row.numpy(), reference_item(src.dataset_dir, pos, 3, (6, 5)), atol=1e-6)
+    gray = MedIMetaTaskSource(hand_root, "hand_rgb_as_gray", "kind", split=None, memory_map=memory_map)
+    small = [p % 6 for p in positions]  # stored 8x10, output 4x5: the per-image resize path
+    for row, pos in zip(gray.read_images(small), small):
+        np.testing.assert_allclose(row.numpy(), reference_item(gray.dataset_dir, pos, 1, (4, 5)), atol=1e-6)
+
+
+def test_index_errors_negative_positions_and_transforms(hand_root):
     src = MedIMetaTaskSource(hand_root, "hand_rgb", "findings", split=None)
     positions = [11, 0, 5, 5, 3, 11, 7]
     batch = src.read_images(positions)
-    for row, pos in zip(batch, positions):
-        np.testing.assert_allclose(row.numpy(), reference_item(src.dataset_dir, pos, 3, (6, 5)), atol=1e-6)
     with pytest.raises(IndexError, match="out of range"):
         src.read_images([12])
     assert torch.equal(src[-1][0], batch[0]) and torch.equal(src[-1][1], src[11][1])
@@ -187,3 +199,19 @@ def test_description_and_identifiers_follow_the_official_loader(hand_root):
     assert d.task_identifier == "Hand RGB as Gray: kind" and d.domain_identifier == "Domain C"
     assert d.label_keys == (3, 7) and d.classes == ("x", "y")
     assert src.dataset_dir.name == "rgb_to_gray_folder"  # found by the id inside info.yaml
+
+
+def test_chunked_compressed_hdf5_reads_through_h5py_with_the_same_values(hand_root, tmp_path):
+    import shutil
+
+    import h5py
+
+    folder = tmp_path / "hand_gray"
+    shutil.copytree(hand_root / "hand_gray", folder)
+    with h5py.File(folder / "images.hdf5", "w") as f:
+        f.create_dataset("images", data=gray_pixels(10, 7, 7), chunks=(2, 7, 7), compression="gzip")
+    src = MedIMetaTaskSource(folder, None, "grade", split=None)
+    ref = MedIMetaTaskSource(hand_root, "hand_gray", "grade", split=None)
+    positions = [7, 1, 1, 4, 9]
+    assert torch.equal(src.read_images(positions), ref.read_images(positions))
+    assert not isinstance(src._images(), np.ndarray) and isinstance(ref._images(), np.ndarray)

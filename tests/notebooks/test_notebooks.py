@@ -34,6 +34,11 @@ NOTEBOOKS = {
 }
 
 
+def test_every_notebook_is_executed_by_a_test() -> None:
+    present = sorted(p.name for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
+    assert present == sorted(NOTEBOOKS), f"notebooks on disk {present} != notebooks the tests run {sorted(NOTEBOOKS)}"
+
+
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_is_reviewable_and_uses_public_api(name: str) -> None:
     """Percent-format, valid Python, the switches at the top, public names only, no outputs."""
@@ -157,3 +162,45 @@ def test_segmentation_notebook(tmp_path) -> None:
     row = re.search(r"nuclei\s+linear\s+([\d.]+)\s+[\d.]+\s+([\d.]+)", text)
     assert row is not None, "no nuclei/linear row in the score table"
     assert float(row.group(1)) > 0.7 and 0.0 <= float(row.group(2)) <= 1.0
+
+
+def test_a_cell_that_raises_fails_the_run(tmp_path) -> None:
+    """The harness really fails on an error: a percent-format notebook whose second cell raises."""
+    from nbclient.exceptions import CellExecutionError
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("# %%\nx = 1\n\n# %%\nraise ValueError('cell two is broken')\n")
+    with pytest.raises(CellExecutionError, match="cell two is broken"):
+        execute_notebook(bad, tmp_path)
+    assert (tmp_path / "bad.ipynb").is_file()  # the executed copy is kept for inspection
+
+
+def _runner():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_notebooks", NOTEBOOK_DIR / "run_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runner_selects_notebooks_and_names_unknown_ones() -> None:
+    runner = _runner()
+    assert [p.name for p in runner.notebooks(["01", "04_slides"])] == ["01_quickstart.py", "04_slides.py"]
+    assert [p.name for p in runner.notebooks([])] == sorted(NOTEBOOKS)
+    with pytest.raises(SystemExit, match="no notebook matches \\['09'\\]"):
+        runner.notebooks(["09"])
+
+
+def test_runner_reports_a_failing_notebook(tmp_path, monkeypatch, capsys) -> None:
+    runner = _runner()
+    bad = tmp_path / "nb" / "01_bad.py"
+    bad.parent.mkdir()
+    bad.write_text("# %%\nprint('fine')\n\n# %%\n1 / 0\n")
+    monkeypatch.setattr(runner, "HERE", bad.parent)
+    for key in ("MEDMETA_NOTEBOOK_QUICK", "MEDMETA_NOTEBOOK_OUT"):
+        monkeypatch.setenv(key, "")  # restored after the test (main() sets them)
+    assert runner.main(["--quick", "--out", str(tmp_path / "out")]) == 1
+    printed = capsys.readouterr().out
+    assert "01_bad.py" in printed and "ZeroDivisionError" in printed
+    assert (tmp_path / "out" / "01_bad.ipynb").is_file()

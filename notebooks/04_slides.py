@@ -46,6 +46,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.patches import Rectangle
+from sklearn.decomposition import PCA
 
 from medmeta.adapters.slides import (
     MacenkoNormalizer,
@@ -60,14 +61,13 @@ from medmeta.adapters.slides import (
     make_synthetic_slide,
     open_slide,
     read_tile,
-    sample_slide_episodes,
     slide_features,
     tile_slide,
     train_mil,
 )
 from medmeta.backbones import create_backbone
 from medmeta.backbones.pretrained import pretrained_normalization
-from medmeta.evaluation import episode_metrics
+from medmeta.evaluation import custom_protocol, protocol_episodes, run_protocol, summarize
 
 torch.manual_seed(0)
 
@@ -195,9 +195,7 @@ assert again.path is not None and np.allclose(again.tensor().numpy(), feats.tens
 X = feats.tensor().numpy()
 print(f"features {X.shape} from {feats.backbone}; cached at {again.path}")
 
-Xc = X - X.mean(0)
-_, _, vt = np.linalg.svd(Xc, full_matrices=False)
-pcs = Xc @ vt[:3].T
+pcs = PCA(n_components=3, random_state=0).fit_transform(X)
 rgb = (pcs - pcs.min(0)) / np.maximum(pcs.max(0) - pcs.min(0), 1e-8)
 
 fig, ax = plt.subplots(figsize=(6, 7.5))
@@ -213,9 +211,10 @@ save(fig, "slide_feature_pca.png")
 # ## Few-shot slide classification with attention MIL
 # A slide-level task needs labelled slides; the package draws seeded synthetic H&E-like slides,
 # the positive ones with lesions (discs packed with dark nuclei). A `SlideTaskSource` tiles,
-# embeds and caches every slide listed in a label table; episodes of `k` support slides per
-# class go to `MILLearner`, which trains a fresh gated-attention MIL head (Ilse et al. 2018) on
-# the support bags and predicts the query slides.
+# embeds and caches every slide listed in a label table, and serves each slide as a bag of tile
+# features. Episodes of `k` support slides per class go to `MILLearner`, which trains a fresh
+# MIL head on the support bags and predicts the query slides: gated attention (ABMIL, Ilse et
+# al. 2018) against mean pooling.
 
 # %%
 import pandas as pd
@@ -246,32 +245,34 @@ print("bags:", [b.shape[0] for b in source.read_bags(range(len(source)))], "tile
 # %%
 K_SHOT, N_QUERY = (2, 2) if QUICK else (3, 5)
 N_EPISODES = 3 if QUICK else 10
-episodes = sample_slide_episodes(source, k_shot=K_SHOT, n_query=N_QUERY, n_episodes=N_EPISODES, seed=0)
 EPOCHS = 30 if QUICK else 60
-learner = MILLearner(head="abmil", epochs=EPOCHS, lr=1e-3, hidden=64)
-scores = []
-for ep in episodes:
-    predictor = learner.adapt(ep.support_images, ep.support_labels, ep.description)
-    logits = predictor(ep.query_images)
-    scores.append(episode_metrics(logits, ep.query_labels, ep.description.task_target, ["accuracy", "auroc"]))
-scores = pd.DataFrame(scores)
+# The slide task runs under the same protocol machinery as image tasks: seeded frozen episodes,
+# every learner on the same episodes, a tidy table of metrics per episode.
+protocol = custom_protocol(shots=[K_SHOT], instances=N_EPISODES, n_query=N_QUERY, metrics=("accuracy", "auroc"),
+                           name="slides", split=source.split)
+learners = {
+    "abmil": MILLearner(head="abmil", epochs=EPOCHS, lr=1e-3, hidden=64),
+    "mean_pool": MILLearner(head="mean", epochs=EPOCHS, lr=1e-3, hidden=64),
+}
+results = run_protocol(learners, source, None, protocol, progress=False)
 print(f"{N_EPISODES} episodes, {K_SHOT}-shot, {N_QUERY} query slides per class")
-print(scores[["accuracy", "auroc"]].describe().loc[["mean", "std"]].round(3))
+summarize(results, ["accuracy", "auroc"], by=("method",))[["method", "episodes", "accuracy_mean", "accuracy_ci", "auroc_mean"]]
 
 # %% [markdown]
-# The attention of the adapted head over the tiles of a positive query slide: lesions should
-# draw the attention.
+# The attention of an attention-MIL head fitted on the support slides of the first episode, over
+# the tiles of one of its positive query slides: the lesions should draw the attention.
 
 # %%
-ep = episodes[0]
+spec = protocol_episodes(source, protocol)[0]  # the protocol's first episode, replayed
+ep = spec.materialize(source)
 q = int(np.flatnonzero(ep.query_labels.view(-1).numpy() == 1)[0])
-name = source.filenames[list(source.image_indices).index(int(ep.query_indices[q]))]
+name = source.filenames[int(spec.query_positions[q])]
 syn = open_slide(slide_dir / name)
 # The same call SlideTaskSource made: a cache hit that also gives the tile coordinates.
 query_feats = slide_features(slide_dir / name, tile_backbone, OUT / "feature_cache", tiling=TILING, transform=transform)
 bag = query_feats.tensor()
+assert torch.equal(bag, ep.query_images[q])
 
-# The head MILLearner fits, built by hand to read its attention on the query bag.
 torch.manual_seed(0)
 head = create_mil_head("abmil", bag.shape[1], ep.description, hidden=64)
 train_mil(head, ep.support_images, ep.support_labels, ep.description, epochs=EPOCHS, lr=1e-3)

@@ -3,6 +3,7 @@
 Heavy modules (h5py, PIL, pandas) are imported only when used.
 """
 from medmeta.data.errors import DataFormatError, MissingDataError, UnknownNameError
+from medmeta.data.catalog import medimeta_catalog
 from medmeta.data.info import DatasetInfo, TaskInfo, read_info
 from medmeta.data.medimeta import MedIMetaTaskSource
 from medmeta.data.meta_dataset import MetaDataset, TaskEntry, discover_datasets
@@ -24,6 +25,7 @@ __all__ = [
     "build_synthetic_meta_dataset",
     "discover_datasets",
     "embedded_path",
+    "medimeta_catalog",
     "open_default",
     "read_info",
     "write_dataset",

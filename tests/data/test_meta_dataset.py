@@ -16,7 +16,7 @@ from medmeta.data import embedded
 from medmeta.data.synthetic import SYNTHETIC_DATASETS, build_synthetic_meta_dataset
 from medmeta.tasks import TaskTarget
 
-REAL_INFOS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "medimeta_info"
+from medmeta.data.catalog import CATALOG_DIR as REAL_INFOS  # the 19 real info.yaml files, shipped
 
 
 @pytest.fixture(scope="module")

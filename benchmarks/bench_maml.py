@@ -9,8 +9,9 @@ loss, backward, and an outer Adam step. Compared, in the same run and on the sam
   copy's gradients to the meta-parameters (first order: a copied module keeps no graph to the
   original, so this is what a plain loop can compute);
 * medmeta's ``torch.func`` learners: MAML (second order), FOMAML, ANIL (second order through
-  the head's inner loop), each as a loop over tasks and with ``vmap=True`` (one batched inner
-  loop for tasks of equal shape).
+  the head's inner loop), each as a loop over tasks with one backward of ``meta_loss`` (every
+  task's graph alive at once), as a loop with ``meta_backward`` (one backward per task, graphs
+  freed task by task), and with ``vmap=True`` (one batched inner loop for tasks of equal shape).
 
 Each measurement runs in a fresh child process. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` above what setup allocated; on CPU the child's peak resident
@@ -41,14 +42,17 @@ from medmeta.learners.heads import task_loss
 from medmeta.learners.maml import ANIL, FOMAML, MAML
 from medmeta.tasks import Episode, TaskDescription
 
-METHODS = {
+METHODS = {  # learner class, vmap, backward task by task (meta_backward) instead of meta_loss().backward()
     "deepcopy loop (first order)": None,
-    "MAML (second order)": (MAML, False),
-    "FOMAML": (FOMAML, False),
-    "ANIL": (ANIL, False),
-    "MAML (second order), vmap": (MAML, True),
-    "FOMAML, vmap": (FOMAML, True),
-    "ANIL, vmap": (ANIL, True),
+    "MAML (second order)": (MAML, False, False),
+    "FOMAML": (FOMAML, False, False),
+    "ANIL": (ANIL, False, False),
+    "MAML (second order), task-by-task backward": (MAML, False, True),
+    "FOMAML, task-by-task backward": (FOMAML, False, True),
+    "ANIL, task-by-task backward": (ANIL, False, True),
+    "MAML (second order), vmap": (MAML, True, False),
+    "FOMAML, vmap": (FOMAML, True, False),
+    "ANIL, vmap": (ANIL, True, False),
 }
 
 
@@ -125,14 +129,17 @@ def make_step(method: str, cfg: dict[str, Any], backbone: torch.nn.Module):
             opt.step()
 
         return step
-    cls, use_vmap = spec
+    cls, use_vmap, per_task = spec
     learner = cls(backbone, inner_steps=cfg["inner_steps"], inner_lr=0.1, vmap=use_vmap, update_running_stats=False)
     learner.train()
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
     def step(episodes: list[Episode]) -> None:
         opt.zero_grad()
-        learner.meta_loss(episodes).backward()
+        if per_task:
+            learner.meta_backward(episodes)
+        else:
+            learner.meta_loss(episodes).backward()
         opt.step()
 
     return step

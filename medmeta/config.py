@@ -280,7 +280,12 @@ LEARNER_CONFIGS: Dict[str, type] = {
 
 def learner_kwargs(cfg: Any) -> dict[str, Any]:
     """Constructor keyword arguments of a learner config (every field but ``name``)."""
-    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(vars(cfg))
+    if OmegaConf.is_config(cfg):
+        data = OmegaConf.to_container(cfg, resolve=True)
+    elif isinstance(cfg, dict):
+        data = dict(cfg)
+    else:
+        data = dict(vars(cfg))
     data.pop("name", None)
     return data
 

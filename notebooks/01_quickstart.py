@@ -30,8 +30,8 @@ from pathlib import Path
 
 MEDIMETA_ROOT = os.environ.get("MEDIMETA_ROOT")  # None: the embedded real-image mini meta-dataset
 QUICK = os.environ.get("MEDMETA_NOTEBOOK_QUICK", "0") == "1"
-OUT = Path(os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs"))
-OUT = OUT / "01_quickstart"
+OUT = os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs")
+OUT = Path(OUT) / "01_quickstart"
 OUT.mkdir(parents=True, exist_ok=True)
 print(f"quick mode: {QUICK}" + ("  (fewer episodes in the multi-domain stream)" if QUICK else ""))
 print("figures go to", OUT.resolve())

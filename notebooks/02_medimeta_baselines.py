@@ -47,8 +47,8 @@ from pathlib import Path
 MEDIMETA_ROOT = os.environ.get("MEDIMETA_ROOT")  # None: the embedded real-image mini meta-dataset
 TARGET = os.environ.get("MEDMETA_TARGET")         # None: the dataset chosen below
 QUICK = os.environ.get("MEDMETA_NOTEBOOK_QUICK", "0") == "1"
-OUT = Path(os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs"))
-OUT = OUT / "02_medimeta_baselines"
+OUT = os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs")
+OUT = Path(OUT) / "02_medimeta_baselines"
 OUT.mkdir(parents=True, exist_ok=True)
 
 if QUICK:  # a smoke run: a few training steps, a few test episodes
@@ -59,10 +59,10 @@ if QUICK:  # a smoke run: a few training steps, a few test episodes
                "trainer.val_episodes=1", "learner.inner_steps=1", "learner.eval_inner_steps=2",
                "sampler.shot_range=[1,3]", "sampler.n_query=3"]
 else:  # laptop scale; the paper: 100 test episodes, early stopping with patience 5 / 10
-    INSTANCES, FINETUNE_STEPS = 10, 50
-    MM_PT = ["trainer.steps=150", "trainer.val_every=25", "trainer.checkpoint_every=25", "trainer.batch_size=32",
+    INSTANCES, FINETUNE_STEPS = 5, 50
+    MM_PT = ["trainer.steps=60", "trainer.val_every=20", "trainer.checkpoint_every=20", "trainer.batch_size=32",
              "trainer.val_max_items=128", "trainer.patience=3"]
-    MM_MAML = ["trainer.steps=30", "trainer.val_every=10", "trainer.checkpoint_every=10", "trainer.meta_batch_size=2",
+    MM_MAML = ["trainer.steps=15", "trainer.val_every=5", "trainer.checkpoint_every=5", "trainer.meta_batch_size=2",
                "trainer.val_episodes=4", "learner.eval_inner_steps=16", "sampler.shot_range=[1,5]",
                "sampler.n_query=5", "trainer.patience=3"]
 print(f"quick mode: {QUICK}  ->  {INSTANCES} test episodes per task, fine-tuning {FINETUNE_STEPS} steps; "
@@ -71,7 +71,6 @@ print("outputs go to", OUT.resolve())
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
@@ -169,7 +168,7 @@ for ax, (dataset, task) in zip(axes[0], tasks):
     bars = ax.bar(rows.index, 100 * rows["auroc_mean"], yerr=100 * rows["auroc_ci"].fillna(0), capsize=4,
                   color=[colours[m] for m in rows.index])
     ax.bar_label(bars, labels=[f"{100 * v:.1f}" for v in rows["auroc_mean"]], label_type="center", color="w", fontsize=8)
-    ax.axhline(50, color="k", lw=0.8, ls="--")
+    ax.axhline(50, color="k", lw=0.8, ls="--", zorder=0)  # chance
     ax.set_title(f"{dataset}\n{task}", fontsize=9)
     ax.set_ylim(0, 105)
     ax.grid(axis="y", alpha=0.3)

@@ -39,11 +39,11 @@ from pathlib import Path
 
 MEDIMETA_ROOT = os.environ.get("MEDIMETA_ROOT")  # None: the embedded real-image mini meta-dataset
 QUICK = os.environ.get("MEDMETA_NOTEBOOK_QUICK", "0") == "1"
-OUT = Path(os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs"))
-OUT = OUT / "03_l2l_protocol"
+OUT = os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs")
+OUT = Path(OUT) / "03_l2l_protocol"
 OUT.mkdir(parents=True, exist_ok=True)
 
-INSTANCES = 2 if QUICK else 5         # episodes per (task, shot count); the challenge: 100
+INSTANCES = 2 if QUICK else 3         # episodes per (task, shot count); the challenge: 100
 SHOTS = (3, 6, 10) if QUICK else tuple(range(3, 11))  # the challenge: 3..10
 N_QUERY = 10 if MEDIMETA_ROOT else 5  # query images per class; the embedded test splits are small
 MAX_TASKS = 2 if QUICK else None      # test tasks: the first task of each dataset (None: of every dataset)

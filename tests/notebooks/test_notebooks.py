@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from tests.notebooks.conftest import NOTEBOOK_DIR, cell_errors, check_png, execute_notebook, notebook_text
+from nb_harness import NOTEBOOK_DIR, cell_errors, check_png, execute_notebook, notebook_text
 
 #: notebook -> the figures it must write (under <out>/<notebook stem>/)
 NOTEBOOKS = {

@@ -12,12 +12,13 @@ import hydra
 from omegaconf import DictConfig
 
 import medmeta.config  # noqa: F401  (registers the structured configs and resolvers)
+from medmeta.training.app_errors import exit_on_user_error
 from medmeta.training.run import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run_evaluation(cfg)
+    exit_on_user_error("evaluate.py", run_evaluation, cfg)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Meta-train an episodic learner or pre-train mm-PT, then test it (Hydra app, conf/train.yaml).
 
     python experiments/train.py                                    # ProtoNet, synthetic data
-    python experiments/train.py experiment=mm_maml                 # MedIMeta mm-MAML, laptop scale
+    python experiments/train.py experiment=mm_maml trainer.steps=300  # MedIMeta mm-MAML on the synthetic set, a few minutes
     python experiments/train.py experiment=mm_maml data=medimeta data.root=/data/medimeta \
         data.target=bus backbone=resnet18                          # the paper's setting
     python experiments/train.py --multirun learner=protonet,maml   # a sweep
@@ -16,13 +16,14 @@ import hydra
 from omegaconf import DictConfig
 
 import medmeta.config  # noqa: F401  (registers the structured configs and resolvers)
+from medmeta.training.app_errors import exit_on_user_error
 from medmeta.training.run import run_training
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     """Returns the best validation metric (what the Optuna sweeper optimises)."""
-    return run_training(cfg).get("best_metric")
+    return exit_on_user_error("train.py", run_training, cfg).get("best_metric")
 
 
 if __name__ == "__main__":

@@ -61,16 +61,17 @@ def _run(config_name: str, task: Callable[[Any], Any]) -> None:
 
 
 def _train_task(cfg: Any) -> Optional[float]:
+    from medmeta.training.app_errors import exit_on_user_error
     from medmeta.training.run import run_training
 
-    result = run_training(cfg)
-    return result.get("best_metric")
+    return exit_on_user_error("medmeta-train", run_training, cfg).get("best_metric")
 
 
 def _evaluate_task(cfg: Any) -> None:
+    from medmeta.training.app_errors import exit_on_user_error
     from medmeta.training.run import run_evaluation
 
-    run_evaluation(cfg)
+    exit_on_user_error("medmeta-evaluate", run_evaluation, cfg)
 
 
 def train() -> None:

@@ -1,6 +1,8 @@
 """The embedded default data: built offline on first use, cached, opened as a :class:`MetaDataset`.
 
-* ``"synthetic"``: :func:`medmeta.data.synthetic.build_synthetic_meta_dataset` (seed 0, 32 px);
+* ``"synthetic"``: :func:`medmeta.data.synthetic.build_synthetic_meta_dataset` (seed 0, 32 px,
+  600 images per dataset: enough test images per class for the MedIMeta protocol's 5 shots +
+  10 queries, so every experiment preset runs on it unchanged);
 * ``"real"``: :func:`medmeta.data.real_mini.build_real_mini_meta_dataset` (seed 0), a small
   meta-dataset of real images that installed packages ship.
 
@@ -26,14 +28,14 @@ __all__ = ["EMBEDDED", "data_dir", "embedded_path", "open_default", "build_embed
 
 ENV_VAR = "MEDMETA_DATA_DIR"
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 """Bump when :mod:`medmeta.data.synthetic` changes what it writes for the default arguments."""
 
 
 def _build_synthetic(root: Path) -> Path:
     from medmeta.data.synthetic import build_synthetic_meta_dataset
 
-    return build_synthetic_meta_dataset(root, seed=0, image_size=32)
+    return build_synthetic_meta_dataset(root, seed=0, image_size=32, num_images=600)
 
 
 def _build_real(root: Path) -> Path:

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +45,7 @@ import numpy as np
 
 from medmeta.data import package_images as pi
 from medmeta.data.writer import write_dataset
+from medmeta.io import write_text_atomic
 
 __all__ = [
     "REAL_MINI_VERSION",
@@ -1075,10 +1074,7 @@ def _write_provenance(folder: Path, rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in sorted(rows, key=lambda r: r["index"]):
         writer.writerow(row)
-    fd, tmp = tempfile.mkstemp(prefix=".provenance.", suffix=".csv", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(buffer.getvalue())
-    os.replace(tmp, folder / "provenance.csv")
+    write_text_atomic(folder / "provenance.csv", buffer.getvalue())
 
 
 def build_real_mini_meta_dataset(

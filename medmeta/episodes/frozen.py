@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -23,6 +21,7 @@ from medmeta.episodes.labels import encode_labels
 from medmeta.episodes.provider import SourceProvider, SourcesLike
 from medmeta.episodes.samplers import task_names
 from medmeta.episodes.spec import EpisodeSpec
+from medmeta.io import write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "FORMAT",
@@ -66,30 +65,6 @@ def source_facts(source: TaskSource) -> dict[str, Any]:
         "labels_sha256": _sha256(np.asarray(source.labels)),
         "image_indices_sha256": _sha256(np.asarray(source.image_indices, dtype=np.int64)),
     }
-
-
-def write_bytes_atomic(path: Union[str, Path], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, ``fsync`` and
-    ``os.replace``: a reader sees the old file or the new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_json_atomic(path: Union[str, Path], payload: Any) -> Path:
-    """Write JSON to ``path`` atomically (:func:`write_bytes_atomic`)."""
-    return write_bytes_atomic(path, (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8"))
 
 
 def _facts_key(facts: Mapping[str, Any]) -> tuple[str, str, str]:

@@ -118,7 +118,7 @@ def load_tensor_file(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[st
 
 def save_tensor_file(path: Union[str, Path], tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> Path:
     """Write tensors atomically: ``.safetensors`` (with string metadata) or ``torch.save``."""
-    from medmeta.evaluation.reports import write_bytes_atomic
+    from medmeta.io import write_bytes_atomic
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -328,7 +328,7 @@ def write_predictions(
     files: Sequence[str] = (),
 ) -> Path:
     """The prediction CSV (atomic): index, file, prediction (class names), prob_<class>."""
-    from medmeta.evaluation.reports import write_bytes_atomic
+    from medmeta.io import write_bytes_atomic
 
     classes = list(description.classes)
     buf = io.StringIO()
@@ -488,7 +488,7 @@ def convert_torchcross_task(path: Union[str, Path], out: Union[str, Path], trust
     if index_tasks or len(converted) > 1:
         if not index_tasks:
             raise ValueError(f"{path}: holds {len(converted)} image tasks; convert one task per file")
-        from medmeta.episodes.frozen import write_json_atomic
+        from medmeta.io import write_json_atomic
 
         return write_json_atomic(
             out,

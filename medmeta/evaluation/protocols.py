@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -493,4 +494,6 @@ def _progress(total: int, enabled: bool, name: str) -> Any:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a core dependency; degrade to no bar
         return None
-    return tqdm(total=total, desc=name, unit="episode", leave=False)
+    # Redirected to a log file (Slurm, CI): update every 30 s instead of flooding the file.
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=name, unit="episode", leave=False, mininterval=0.1 if interactive else 30.0)

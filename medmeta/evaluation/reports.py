@@ -12,9 +12,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 
-from medmeta.episodes.frozen import write_bytes_atomic
 from medmeta.evaluation.metrics import METRICS, mean_ci
 from medmeta.evaluation.ranking import rank_then_aggregate
+from medmeta.io import write_bytes_atomic
 
 __all__ = [
     "write_csv",
@@ -32,6 +32,8 @@ def write_csv(df: pd.DataFrame, path: Union[str, Path]) -> Path:
 
 
 def _metric_columns(df: pd.DataFrame, metrics: Optional[Sequence[str]]) -> list[str]:
+    if metrics is not None and not (isinstance(metrics, (list, tuple)) and all(isinstance(m, str) for m in metrics)):
+        raise TypeError(f"metrics: expected a list of metric names such as ['auroc', 'accuracy'], got {metrics!r}")
     cols = [m for m in (metrics or METRICS) if m in df.columns]
     if not cols:
         raise ValueError(f"reports: none of the metrics {list(metrics or METRICS)} is a column of the table")

@@ -75,7 +75,7 @@ def save_learner(
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "extra": dict(extra or {}),
     }
-    from medmeta.episodes.frozen import write_bytes_atomic
+    from medmeta.io import write_bytes_atomic
 
     buffer = io.BytesIO()
     torch.save(payload, buffer)

@@ -17,15 +17,15 @@ training starts and names every field that differs.
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from medmeta.io import atomic_path
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -52,20 +52,8 @@ class IncompatibleCheckpointError(ValueError):
 def atomic_torch_save(obj: Any, path: "str | Path") -> Path:
     """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
     return path
 
 

@@ -14,12 +14,13 @@ In distributed runs only rank 0 logs: other ranks get a :class:`MetricLogger` wi
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
+from medmeta.io import write_text_atomic
 
 __all__ = [
     "MetricLogger",
@@ -97,12 +98,11 @@ class CSVBackend:
             return
         header, body = rows[0], rows[1:]
         kept = [r for r in body if r and int(float(r[0])) <= step]
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as out:
-            writer = csv.writer(out)
-            writer.writerow(header)
-            writer.writerows(kept)
-        os.replace(tmp, self.path)
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer)
+        writer.writerow(header)
+        writer.writerows(kept)
+        write_text_atomic(self.path, buffer.getvalue())
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         now = f"{time.time():.3f}"

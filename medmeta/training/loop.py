@@ -23,6 +23,7 @@ would have seen.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -524,7 +525,8 @@ class TrainingLoop:
         if self.ctx.is_main and bool(getattr(cfg, "progress", True)) and self.step < total and not self.stopped_early:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                       mininterval=0.1 if sys.stderr.isatty() else 30.0)
         window_loss, window_count, t0 = 0.0, 0.0, time.perf_counter()
         try:
             while self.step < total and not self.stopped_early:

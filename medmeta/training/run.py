@@ -24,11 +24,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -74,13 +73,13 @@ def _as_config(cfg: Any) -> DictConfig:
 
 def write_json_atomic(path: "str | Path", data: Any) -> Path:
     """JSON with a temporary file and ``os.replace``."""
-    from medmeta.evaluation.reports import write_bytes_atomic
+    from medmeta.io import write_bytes_atomic
 
     return write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8"))
 
 
 def _write_config(path: Path, cfg: DictConfig) -> None:
-    from medmeta.evaluation.reports import write_bytes_atomic
+    from medmeta.io import write_bytes_atomic
 
     write_bytes_atomic(path, OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))
 
@@ -544,7 +543,7 @@ def run_evaluation(cfg: Any) -> pd.DataFrame:
     summary["backbone"] = {"name": str(backbone_cfg.name), "weights": weights_origin}
     summary["data"] = str(cfg.data.name)
     write_json_atomic(run_dir / "final_metrics.json", summary)
-    from medmeta.evaluation.reports import write_bytes_atomic
+    from medmeta.io import write_bytes_atomic
 
     write_bytes_atomic(run_dir / "results_table.txt", (table + "\n").encode("utf-8"))
     print(table, flush=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import pandas as pd
 import yaml
@@ -120,7 +120,7 @@ def collect_sweep(
 
 def write_sweep_report(results: SweepResults, out_dir: "str | Path", scale: float = 1.0) -> dict[str, Path]:
     """``sweep_results.csv`` (every row), ``sweep_ranking.csv`` and ``sweep_summary.md``."""
-    from medmeta.evaluation.reports import write_bytes_atomic
+    from medmeta.io import write_bytes_atomic
 
     out_dir = Path(out_dir)
     paths = {

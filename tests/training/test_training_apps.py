@@ -172,6 +172,14 @@ def test_unknown_option_is_named_by_the_app(tmp_path):
         _compose("train", ["learner=protonet", "learner.distanse=cosine"])
 
 
+def test_user_errors_end_the_app_with_one_line_and_status_2(tmp_path):
+    """A wrong data root reaches the command line as one named error, not Hydra's traceback."""
+    proc = _app(TRAIN, "data=medimeta", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.py: error: data.root=" in proc.stderr and "the folder does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_missing_data_root_is_named(tmp_path):
     cfg = _compose("train", ["data=medimeta", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"data.root is required for data=medimeta"):

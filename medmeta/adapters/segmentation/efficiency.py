@@ -37,7 +37,8 @@ import pandas as pd
 import torch
 
 from medmeta.evaluation.ranking import task_ranks
-from medmeta.evaluation.reports import write_bytes_atomic, write_csv
+from medmeta.evaluation.reports import write_csv
+from medmeta.io import write_bytes_atomic
 
 __all__ = [
     "MB",

@@ -18,7 +18,6 @@ slices (or volumes) per episode, seeded per episode so any episode can be replay
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -42,7 +41,7 @@ from medmeta.data.layout import (
 )
 from medmeta.data.medimeta import NORMALIZATIONS, find_dataset_dir
 from medmeta.data.source import TaskSource
-from medmeta.evaluation.reports import write_bytes_atomic
+from medmeta.io import atomic_path, write_bytes_atomic
 from medmeta.tasks import Episode, TaskDescription, TaskTarget
 
 __all__ = [
@@ -148,16 +147,10 @@ def write_segmentation_set(
     dataset_dir.mkdir(parents=True, exist_ok=True)
     import h5py
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{HDF5_FILE}.", suffix=".tmp", dir=dataset_dir)
-    os.close(fd)
-    try:
+    with atomic_path(dataset_dir / HDF5_FILE) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset(HDF5_DATASET, data=images)
             f.create_dataset(MASKS_DATASET, data=masks.astype(np.uint8))
-        os.replace(tmp, dataset_dir / HDF5_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     for split, indices in splits.items():
         write_bytes_atomic(split_path(dataset_dir, split), format_split_file(sorted(indices)).encode("utf-8"))
     presence = _presence(positions, len(keys))

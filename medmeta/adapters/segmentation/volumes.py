@@ -8,8 +8,6 @@ the voxel at index ``(i, j, k)`` and ``Volume.spacing[a]`` is its size in millim
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -19,6 +17,7 @@ import torch
 from torch import Tensor
 
 from medmeta.data.errors import DataFormatError, MissingDataError
+from medmeta.io import atomic_path
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -183,16 +182,9 @@ def write_volume(
     if header is not None:
         image.header.set_zooms(tuple(header.get_zooms()[: data.ndim]) + tuple(image.header.get_zooms()[data.ndim:]))
         image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=suffix) as tmp:  # nibabel picks the format from the extension
+        nib.save(image, str(tmp))
     return path
 
 

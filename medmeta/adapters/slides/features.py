@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader
 from medmeta.adapters.slides.backends.base import slide_fingerprint
 from medmeta.adapters.slides.errors import FingerprintMismatchError
 from medmeta.adapters.slides.tiling import TileDataset, TileGrid, tile_slide
+from medmeta.io import atomic_path
 
 __all__ = [
     "SlideFeatures",
@@ -116,10 +115,7 @@ def write_features(path: "str | Path", feats: SlideFeatures) -> Path:
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=np.asarray(feats.features, dtype=np.float32))
             c = f.create_dataset("coords", data=np.asarray(feats.coords, dtype=np.int32).reshape(-1, 2))
@@ -128,11 +124,6 @@ def write_features(path: "str | Path", feats: SlideFeatures) -> Path:
             f.attrs["slide_fingerprint"] = feats.slide_fingerprint
             f.attrs["backbone"] = feats.backbone
             f.attrs["key"] = feats.key
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

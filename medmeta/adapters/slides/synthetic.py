@@ -19,13 +19,13 @@ labels can depend on a small part of the tissue, as in MIL problems.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from medmeta.io import atomic_path
 
 __all__ = [
     "write_pyramidal_tiff",
@@ -132,10 +132,7 @@ def write_pyramidal_tiff(
         return f"{head}{w0}x{h0} -> {wk}x{hk} - {tail}"
 
     bigtiff = sum(a.nbytes for a in pyramid) > 3 * 2**30
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
             if layout == "pages":
                 for k, level in enumerate(pyramid):
@@ -153,11 +150,6 @@ def write_pyramidal_tiff(
                 tw.write(thumb, rowsperstrip=thumb.shape[0], description=th_desc, **kwargs)
                 for k in range(1, len(pyramid)):
                     tw.write(pyramid[k], tile=(tile, tile), description=aperio_description(k), **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -12,8 +12,6 @@ tissue fraction of any level-0 rectangle from a summed-area table, vectorised ov
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +21,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medmeta.adapters.slides.backends.base import SlideReader
+from medmeta.io import atomic_path
 
 __all__ = ["TissueMask", "detect_tissue", "otsu_threshold"]
 
@@ -137,16 +136,8 @@ class TissueMask:
                 }
             ),
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             Image.fromarray(self.mask.astype(np.uint8) * 255).save(tmp, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return path
 
     @classmethod

@@ -21,10 +21,8 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +38,8 @@ from torch import nn
 from medmeta.adapters.slides.features import embed_tiles
 from medmeta.adapters.slides.mil import Bags, create_mil_head, predict_mil, train_mil
 from medmeta.adapters.slides.tiling import TileTransform, tile_slide
+from medmeta.io import write_text_atomic
+from medmeta.training.checkpoint import atomic_torch_save
 
 __all__ = [
     "visiomel_log_loss",
@@ -239,8 +239,8 @@ def save_visiomel_model(
     assets_dir = Path(assets_dir)
     assets_dir.mkdir(parents=True, exist_ok=True)
     inner = getattr(backbone, "model", backbone)
-    _atomic_torch_save(inner.state_dict(), assets_dir / BACKBONE_FILE)
-    _atomic_torch_save(head.state_dict(), assets_dir / HEAD_FILE)
+    atomic_torch_save(inner.state_dict(), assets_dir / BACKBONE_FILE)
+    atomic_torch_save(head.state_dict(), assets_dir / HEAD_FILE)
     config = {
         "format": "medmeta-visiomel-1",
         "backbone": {"name": str(getattr(backbone, "name", "")), "weights": BACKBONE_FILE,
@@ -255,7 +255,7 @@ def save_visiomel_model(
         "combiner": combiner,
     }
     path = assets_dir / MODEL_FILE
-    _atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
     return path
 
 
@@ -290,30 +290,6 @@ def load_visiomel_model(assets_dir: "str | Path", device: "str | torch.device" =
         config=config,
     )
     return model.to(device)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---- training ----------------------------------------------------------------------------
@@ -539,7 +515,7 @@ def run(
     submission = pd.DataFrame({"filename": fmt["filename"].astype(str), target: probs})[list(fmt.columns)]
     validate_submission(submission, fmt)
     output.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(output, submission.to_csv(index=False))
+    write_text_atomic(output, submission.to_csv(index=False))
     report_obj = {
         "output": str(output),
         "seconds": round(time.monotonic() - start, 3),
@@ -549,7 +525,7 @@ def run(
         "slides": entries,
     }
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(report_path, json.dumps(report_obj, indent=1))
+    write_text_atomic(report_path, json.dumps(report_obj, indent=1))
     log.info("VisioMel runner: wrote %s (details in %s)", output.name, report_path.name)
     return submission
 

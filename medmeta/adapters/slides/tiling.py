@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from medmeta.adapters.slides.errors import (
     SlideError,
 )
 from medmeta.adapters.slides.tissue import TissueMask, detect_tissue
+from medmeta.io import atomic_path
 
 __all__ = [
     "TileGrid",
@@ -135,10 +135,7 @@ class TileGrid:
         path = Path(path)
         if len(self) and int(self.coords.max()) >= 2**31:
             raise ValueError(f"tile grid: coordinates exceed int32 and cannot be stored in {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 ds = f.create_dataset("coords", data=self.coords.astype(np.int32))
                 ds.attrs["patch_level"] = int(self.level)
@@ -155,11 +152,6 @@ class TileGrid:
                     f.attrs[key] = value
                 if self.tissue is not None:
                     f.create_dataset("tissue", data=np.asarray(self.tissue, dtype=np.float32))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return path
 
     @classmethod

@@ -19,8 +19,6 @@ feature pyramid, the region proposals and the box regression fixed.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -39,6 +37,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from medmeta.backbones import Backbone, create_backbone
+from medmeta.io import atomic_path
 
 __all__ = [
     "DetectorConfig",
@@ -225,15 +224,8 @@ def save_detector(path: "str | Path", model: nn.Module, extra: Optional[dict[str
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": dict(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

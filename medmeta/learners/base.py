@@ -8,16 +8,20 @@ every image once and solve episodes on cached features.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from medmeta.tasks import Episode, TaskDescription
 
-__all__ = ["Learner", "Predictor"]
+__all__ = ["Learner", "Predictor", "TrainingKind"]
 
 Predictor = Callable[[Tensor], Tensor]
+
+TrainingKind = Literal["episodic", "pretraining"]
+"""How a learner trains: ``"episodic"`` (``meta_loss`` on meta-batches of episodes) or
+``"pretraining"`` (``loss`` on mixed-task batches of images); ``None`` means it is not trainable."""
 
 
 class Learner(nn.Module):
@@ -25,6 +29,8 @@ class Learner(nn.Module):
 
     #: True when predictions depend on images only through ``embed`` (features can be cached).
     frozen_backbone: bool = False
+    #: How the training app trains this learner; ``None``: it adapts at test time only.
+    training_kind: ClassVar[Optional[TrainingKind]] = None
 
     def adapt(self, support_images: Tensor, support_labels: Tensor, description: TaskDescription) -> Predictor:
         """Adapt to a support set; return a callable mapping query images to logits."""

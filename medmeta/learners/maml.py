@@ -155,6 +155,8 @@ class MAML(Learner):
         ordinal_loss: ``"ce"`` or ``"soft"`` for ordinal tasks (inner and outer loss).
     """
 
+    training_kind = "episodic"
+
     def __init__(
         self,
         backbone: nn.Module,

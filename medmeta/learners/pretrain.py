@@ -138,6 +138,8 @@ class MultiTaskPretrainer(Learner):
         eval_kwargs: keyword arguments of that learner.
     """
 
+    training_kind = "pretraining"
+
     def __init__(
         self,
         backbone: nn.Module,

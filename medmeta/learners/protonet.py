@@ -137,6 +137,8 @@ class ProtoNet(FrozenFeatureLearner):
     :meth:`meta_loss` trains the backbone episodically (Snell et al.).
     """
 
+    training_kind = "episodic"
+
     def __init__(
         self,
         backbone: nn.Module,

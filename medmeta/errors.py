@@ -1,0 +1,94 @@
+"""Every error medmeta raises on purpose, under one root.
+
+:class:`MedMetaError` is the root. :class:`UserError` is the branch a user can fix (a config
+value, a path, a file's contents, too little data, a checkpoint that does not fit): the
+command-line apps end such an error with one line on stderr and exit status 2
+(:func:`exit_on_user_error`); anything else is a bug and keeps its traceback.
+
+Each class also derives from the built-in exception that callers already catch
+(``ValueError``, ``FileNotFoundError``, ``KeyError``), so ``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any, Callable, TypeVar
+
+__all__ = [
+    "MedMetaError",
+    "UserError",
+    "ConfigError",
+    "DataFormatError",
+    "MissingDataError",
+    "UnknownNameError",
+    "InsufficientDataError",
+    "CheckpointError",
+    "exit_on_user_error",
+    "known_names",
+]
+
+T = TypeVar("T")
+
+
+class MedMetaError(Exception):
+    """Root of every error that medmeta raises on purpose."""
+
+
+class UserError(MedMetaError):
+    """An error the user can fix; the message names the option, file or field and what was expected."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value or argument that cannot work."""
+
+
+class DataFormatError(UserError, ValueError):
+    """A file or field of a dataset does not hold what its format requires."""
+
+
+class MissingDataError(DataFormatError, FileNotFoundError):
+    """A file that the format requires is missing."""
+
+    def __str__(self) -> str:  # OSError would format its args as "[Errno ...]"
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownNameError(UserError, KeyError, ValueError):
+    """An unknown name (dataset id, task, split, registered component); the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InsufficientDataError(UserError, ValueError):
+    """A task has too few images (or classes) to form the requested episodes."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read safely, or that does not fit the run or learner loading it."""
+
+
+def known_names(name: str, known: Iterable[str], limit: int = 30) -> str:
+    """``known`` as a readable list, the names closest to ``name`` first."""
+    names = [str(k) for k in known]
+    close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5)
+    ordered = close + sorted(k for k in names if k not in close)
+    text = ", ".join(repr(k) for k in ordered[:limit])
+    if len(ordered) > limit:
+        text += f", ... ({len(ordered) - limit} more)"
+    if close:
+        return f"did you mean {', '.join(repr(c) for c in close)}? Known: {text}"
+    return f"known: {text}" if ordered else "none exist"
+
+
+def exit_on_user_error(app: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn``; a :class:`UserError` is logged, printed as ``<app>: error: ...`` on stderr and
+    ends the process with status 2. Library callers use the functions directly and get the exception."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as err:
+        logging.getLogger("medmeta").error("%s: %s", type(err).__name__, err)
+        print(f"{app}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

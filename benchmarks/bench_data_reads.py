@@ -2,8 +2,8 @@
 
 Both paths return the same normalised float tensors (checked). The batch path is
 ``MedIMetaTaskSource.read_images``: one sorted fancy-index read per batch (through a memory map
-of the contiguous dataset, or, second column, through an h5py selection), then the conversion
-on the whole batch tensor. The per-item path is what the official loader does for
+of the contiguous dataset, or, second column, through an h5py selection), then the one image
+pipeline (``medmeta.data.transforms.ImageTransform``) on the batch, chunk by chunk. The per-item path is what the official loader does for
 each image: one h5py read, one ``PIL.Image.fromarray`` (+ channel conversion), then torchvision's
 ``ToTensor`` and ``Normalize``. With ``medimeta`` installed, the official loader itself is timed
 too. The file is in the page cache after writing, so this measures CPU cost, not the disk.

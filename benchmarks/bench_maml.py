@@ -35,7 +35,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from medmeta.backbones import create_backbone
 from medmeta.learners.heads import task_loss

@@ -54,7 +54,7 @@ def memory_sources(image_size: int, per_class: int, seed: int = 0) -> dict:
 
 def synthetic_sources(root: Path, image_size: int):
     from medmeta.data import MetaDataset
-    from medmeta.data.synthetic import build_synthetic_meta_dataset
+    from medmeta.recipes import build_synthetic_meta_dataset
 
     path = build_synthetic_meta_dataset(root, seed=0, image_size=image_size)
     return MetaDataset(path)

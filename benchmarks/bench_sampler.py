@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.data == "synthetic":
             from medmeta.data import MetaDataset
-            from medmeta.data.synthetic import build_synthetic_meta_dataset
+            from medmeta.recipes import build_synthetic_meta_dataset
 
             data = MetaDataset(build_synthetic_meta_dataset(Path(tmp) / "data", seed=0, image_size=args.image_size))
         else:

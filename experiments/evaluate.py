@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 import medmeta.config  # noqa: F401  (registers the structured configs and resolvers)
-from medmeta.training.app_errors import exit_on_user_error
+from medmeta.errors import exit_on_user_error
 from medmeta.training.run import run_evaluation
 
 

@@ -51,7 +51,7 @@ def _run(config_name: str, task: Callable[[Any], Any]) -> None:
     try:
         path = config_dir()
     except FileNotFoundError as err:
-        print(f"medmeta-{config_name}: {err}", file=sys.stderr)
+        print(f"medmeta-{config_name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     import hydra
 
@@ -61,14 +61,14 @@ def _run(config_name: str, task: Callable[[Any], Any]) -> None:
 
 
 def _train_task(cfg: Any) -> Optional[float]:
-    from medmeta.training.app_errors import exit_on_user_error
+    from medmeta.errors import exit_on_user_error
     from medmeta.training.run import run_training
 
     return exit_on_user_error("medmeta-train", run_training, cfg).get("best_metric")
 
 
 def _evaluate_task(cfg: Any) -> None:
-    from medmeta.training.app_errors import exit_on_user_error
+    from medmeta.errors import exit_on_user_error
     from medmeta.training.run import run_evaluation
 
     exit_on_user_error("medmeta-evaluate", run_evaluation, cfg)

@@ -1,27 +1,35 @@
 """Structured configs of the experiment apps, registered in Hydra's ConfigStore.
 
 Every YAML file in ``conf/`` names its schema in its defaults list (``- <group>_schema`` or a
-learner-specific schema), so Hydra rejects unknown keys, wrong types and missing mandatory
-values while composing, before any data is opened. The dataclasses are plain Python too:
+learner's ``- <name>_schema``), so Hydra rejects unknown keys, wrong types and missing mandatory
+values while composing, before any data is opened, and the YAML files only set what differs
+from the schema's defaults. The dataclasses are plain Python too:
 ``OmegaConf.structured(TrainConfig)`` gives a valid default config without Hydra.
 
-Groups (one dataclass each): ``data`` (:class:`DataConfig`), ``sampler``
-(:class:`SamplerConfig`), ``backbone`` (:class:`BackboneConfig`), ``learner`` (one subclass of
-:class:`LearnerConfig` per method, field names equal to the learner's constructor arguments),
-``trainer`` (:class:`TrainerConfig`), ``protocol`` (:class:`ProtocolSettings`, mirroring
-:class:`medmeta.evaluation.ProtocolConfig`), ``logger`` (:class:`LoggerConfig`). The apps'
-primary configs are :class:`TrainConfig` and :class:`EvaluateConfig`.
+Groups: ``data`` (:class:`DataConfig`), ``sampler`` (:class:`SamplerConfig`), ``backbone``
+(:class:`BackboneConfig`), ``learner`` (one schema per registered learner, derived from its
+constructor by :func:`learner_schema`: the constructor is the one source of the learner's
+arguments and defaults), ``trainer`` (:class:`TrainerConfig`), ``protocol``
+(:class:`medmeta.evaluation.ProtocolConfig` itself), ``logger`` (:class:`LoggerConfig`). The
+apps' primary configs are :class:`TrainConfig` and :class:`EvaluateConfig`.
 
 :func:`register_configs` is idempotent and runs on import.
 """
 from __future__ import annotations
 
+import collections.abc
+import copy
+import functools
+import inspect
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+import types
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Callable, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from medmeta.evaluation.protocols import ProtocolConfig
 
 __all__ = [
     "TaskSelection",
@@ -29,18 +37,13 @@ __all__ = [
     "SamplerConfig",
     "BackboneConfig",
     "LearnerConfig",
-    "ProtoNetConfig",
-    "LinearProbeConfig",
-    "FinetuneConfig",
-    "MAMLConfig",
-    "FOMAMLConfig",
-    "ANILConfig",
-    "MetaSGDConfig",
-    "ProtoMAMLConfig",
-    "MultiTaskPretrainConfig",
-    "LEARNER_CONFIGS",
+    "APP_SUPPLIED",
+    "constructor_parameters",
+    "learner_schema",
+    "learner_schemas",
+    "learner_factory",
     "TrainerConfig",
-    "ProtocolSettings",
+    "ProtocolConfig",
     "WandbConfig",
     "LoggerConfig",
     "TrainConfig",
@@ -153,141 +156,139 @@ class LearnerConfig:
     name: str = MISSING
 
 
-@dataclass
-class ProtoNetConfig(LearnerConfig):
-    name: str = "protonet"
-    distance: str = "euclidean"
-    normalize: Optional[str] = None
-    temperature: Optional[float] = None
-    learn_temperature: bool = False
-    ordinal_loss: str = "ce"
+APP_SUPPLIED = frozenset({"backbone", "tasks"})
+"""Constructor parameters the apps pass themselves (never set in a learner config)."""
+
+_NONE = type(None)
+_SCALARS = (int, float, bool, str)
+_LIST: Any = List  # subscripted with types known only at run time
+_DICT: Any = Dict
 
 
-@dataclass
-class LinearProbeConfig(LearnerConfig):
-    name: str = "linear_probe"
-    weight_decay: float = 1e-3
-    solver: str = "lbfgs"
-    max_iter: int = 100
-    lr: Optional[float] = None
-    normalize: Optional[str] = None
-    ordinal_loss: str = "ce"
+def _config_type(tp: Any) -> Any:
+    """The OmegaConf-representable form of an annotation, or ``None`` when it has none.
+
+    Members of a union that OmegaConf cannot hold (a callable, a module) are dropped, so
+    ``Union[None, str, Callable]`` becomes ``Optional[str]``; a union of several representable
+    types becomes ``Any``; sequences become lists and mappings ``Dict[str, ...]``.
+    """
+    if tp is Any or tp in _SCALARS:
+        return tp
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        kept = [t for t in (_config_type(a) for a in args if a is not _NONE) if t is not None]
+        if not kept:
+            return None
+        inner = kept[0] if len(kept) == 1 else Any
+        return Optional[inner] if _NONE in args else inner
+    if tp in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        items = [a for a in args if a is not Ellipsis]
+        element = _config_type(items[0]) if len(set(items)) == 1 else Any
+        return _LIST[element if element is not None else Any]
+    if tp is dict or origin in (dict, collections.abc.Mapping):
+        value = _config_type(args[1]) if len(args) == 2 else Any
+        return _DICT[str, value if value is not None else Any]
+    return None
 
 
-@dataclass
-class FinetuneConfig(LearnerConfig):
-    """Fine-tuning with a new head per episode (MedIMeta test: Adam, 50 steps, lr 1e-3)."""
-
-    name: str = "finetune"
-    steps: int = 50
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    batch_size: Optional[int] = None
-    augment: Optional[str] = None
-    weight_decay: float = 0.0
-    backbone_lr: Optional[float] = None
-    head_init: str = "default"
-    ordinal_loss: str = "ce"
+def _representable(value: Any) -> bool:
+    if value is None or isinstance(value, _SCALARS):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_representable(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _representable(v) for k, v in value.items())
+    return False
 
 
-@dataclass
-class _MAMLCommon(LearnerConfig):
-    """Arguments shared by MAML and its variants (each variant fixes one more of its own)."""
+def constructor_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    """The constructor parameters a learner config sets, by name, in signature order.
 
-    inner_steps: int = 4
-    inner_lr: float = 0.1
-    eval_inner_steps: int = 32
-    eval_inner_lr: Optional[float] = None
-    bn_mode: str = "transductive"
-    vmap: bool = False
-    update_running_stats: bool = True
-    ordinal_loss: str = "ce"
-
-
-@dataclass
-class MAMLConfig(_MAMLCommon):
-    """MAML with a new (zero-initialised) head per task (MedIMeta mm-MAML)."""
-
-    name: str = "maml"
-    first_order: bool = False
-    head_only: bool = False
-    learn_inner_lr: bool = False
-    head_init: str = "zero"
-
-
-@dataclass
-class FOMAMLConfig(_MAMLCommon):
-    """First-order MAML (``first_order`` fixed)."""
-
-    name: str = "fomaml"
-    head_only: bool = False
-    learn_inner_lr: bool = False
-    head_init: str = "zero"
+    Parameters the app supplies (:data:`APP_SUPPLIED`) are left out. A class whose
+    ``__init__`` forwards ``**kwargs`` (the MAML variants) takes its parent's parameters, less
+    the ones it fixes (``_fixed``).
+    """
+    if not isinstance(factory, type):
+        found = inspect.signature(factory).parameters
+        return {n: p for n, p in found.items() if n not in APP_SUPPLIED and p.kind not in _VARIADIC}
+    params: dict[str, inspect.Parameter] = {}
+    for klass in factory.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        found = inspect.signature(init).parameters
+        for name, p in list(found.items())[1:]:  # after self
+            if p.kind not in _VARIADIC and name not in APP_SUPPLIED:
+                params.setdefault(name, p.replace(annotation=_annotation(init, name)))
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in found.values()):
+            break
+    fixed = dict(getattr(factory, "_fixed", {}) or {})
+    return {n: p for n, p in params.items() if n not in fixed}
 
 
-@dataclass
-class ANILConfig(_MAMLCommon):
-    """ANIL: only the head adapts in the inner loop (``head_only`` fixed)."""
-
-    name: str = "anil"
-    first_order: bool = False
-    learn_inner_lr: bool = False
-    head_init: str = "zero"
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
-@dataclass
-class MetaSGDConfig(_MAMLCommon):
-    """Meta-SGD: learned per-parameter inner learning rates (``learn_inner_lr`` fixed)."""
-
-    name: str = "metasgd"
-    first_order: bool = False
-    head_only: bool = False
-    head_init: str = "zero"
+def _annotation(function: Callable[..., Any], name: str) -> Any:
+    return get_type_hints(function).get(name, Any)
 
 
-@dataclass
-class ProtoMAMLConfig(_MAMLCommon):
-    """Proto-MAML: head initialised from prototypes (``head_init`` fixed)."""
+def learner_schema(name: str, factory: Callable[..., Any]) -> type:
+    """The Hydra schema of a learner, derived from its constructor: one field per parameter
+    (:func:`constructor_parameters`) with the constructor's default, plus ``name``.
 
-    name: str = "protomaml"
-    first_order: bool = False
-    head_only: bool = False
-    learn_inner_lr: bool = False
+    Raises ``TypeError`` for a parameter whose default OmegaConf cannot hold (such a learner
+    needs an explicit schema).
+    """
+    spec: list[tuple[str, Any, Any]] = [("name", str, field(default=name))]
+    for pname, p in constructor_parameters(factory).items():
+        annotation = p.annotation if p.annotation is not inspect.Parameter.empty else Any
+        tp = _config_type(annotation)
+        if tp is None:
+            tp = Any
+        if p.default is inspect.Parameter.empty:
+            spec.append((pname, tp, field(default=MISSING)))
+            continue
+        if not _representable(p.default):
+            raise TypeError(
+                f"learner {name!r}: the default of {pname}={p.default!r} cannot be written in a config; "
+                f"give it a plain default (None, a number, a string, a list or a dict)"
+            )
+        default = list(p.default) if isinstance(p.default, tuple) else p.default
+        if isinstance(default, (list, dict)):
+            spec.append((pname, tp, field(default_factory=functools.partial(copy.deepcopy, default))))
+        else:
+            spec.append((pname, tp, field(default=default)))
+    title = getattr(factory, "__name__", name)
+    schema = make_dataclass(f"{title}Config", spec, bases=(LearnerConfig,))
+    schema.__module__ = __name__
+    schema.__doc__ = f"Schema of learner={name} (derived from {title}'s constructor)."
+    return schema
 
 
-@dataclass
-class MultiTaskPretrainConfig(LearnerConfig):
-    """mm-PT: one head per training task on a shared backbone (MedIMeta paper)."""
+def learner_factory(name: str) -> Callable[..., Any]:
+    """The registered factory (usually the class) of learner ``name``."""
+    from medmeta.learners.registry import LEARNERS
 
-    name: str = "mm_pt"
-    ordinal_loss: str = "ce"
-    eval_learner: str = "finetune"
-    eval_kwargs: Dict[str, Any] = field(default_factory=dict)
+    return LEARNERS.get(name)
 
 
-LEARNER_CONFIGS: Dict[str, type] = {
-    "protonet": ProtoNetConfig,
-    "linear_probe": LinearProbeConfig,
-    "finetune": FinetuneConfig,
-    "maml": MAMLConfig,
-    "fomaml": FOMAMLConfig,
-    "anil": ANILConfig,
-    "metasgd": MetaSGDConfig,
-    "protomaml": ProtoMAMLConfig,
-    "mm_pt": MultiTaskPretrainConfig,
-}
+def learner_schemas() -> dict[str, type]:
+    """One derived schema per registered learner (see :func:`learner_schema`)."""
+    from medmeta.learners import list_learners
+
+    return {name: learner_schema(name, learner_factory(name)) for name in list_learners()}
 
 
 def learner_kwargs(cfg: Any) -> dict[str, Any]:
     """Constructor keyword arguments of a learner config (every field but ``name``)."""
     if OmegaConf.is_config(cfg):
-        data = OmegaConf.to_container(cfg, resolve=True)
-    elif isinstance(cfg, dict):
-        data = dict(cfg)
+        items = OmegaConf.to_container(cfg, resolve=True)
     else:
-        data = dict(vars(cfg))
-    data.pop("name", None)
-    return data
+        items = cfg if isinstance(cfg, dict) else vars(cfg)
+    if not isinstance(items, dict):
+        raise TypeError(f"learner config: expected a mapping of constructor arguments, got {cfg!r}")
+    return {str(k): v for k, v in items.items() if k != "name"}
 
 
 # training -------------------------------------------------------------------------------------
@@ -339,28 +340,6 @@ class TrainerConfig:
 
 
 @dataclass
-class ProtocolSettings:
-    """Hydra-typed mirror of :class:`medmeta.evaluation.ProtocolConfig` (lists for tuples)."""
-
-    name: str = "custom"
-    shots: List[int] = field(default_factory=lambda: [5])
-    instances: int = 100
-    n_query: int = 10
-    n_way: Optional[int] = None
-    metrics: List[str] = field(default_factory=lambda: ["accuracy", "balanced_accuracy", "auroc", "mae"])
-    primary_metric: str = "accuracy"
-    higher_is_better: bool = True
-    aggregate: str = "mean_ci"
-    seed: int = 0
-    split: str = "test"
-    episode_dir: Optional[str] = None
-    on_insufficient: str = "error"
-    report_scale: Dict[str, float] = field(default_factory=dict)
-    feature_cache: bool = True
-    embed_batch_size: int = 256
-
-
-@dataclass
 class WandbConfig:
     project: str = "medmeta"
     mode: str = "offline"
@@ -394,7 +373,7 @@ class TrainConfig:
     learner: LearnerConfig = MISSING
     test_learner: Optional[LearnerConfig] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run_name: str = "train"
     run_dir: Optional[str] = None
@@ -414,7 +393,7 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     learners: Dict[str, LearnerConfig] = field(default_factory=dict)
-    protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: Optional[str] = None
     checkpoint_load: str = "auto"
@@ -459,9 +438,9 @@ def register_configs() -> None:
     cs.store(group="sampler", name="sampler_schema", node=SamplerConfig)
     cs.store(group="backbone", name="backbone_schema", node=BackboneConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
-    cs.store(group="protocol", name="protocol_schema", node=ProtocolSettings)
+    cs.store(group="protocol", name="protocol_schema", node=ProtocolConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
-    for name, schema in LEARNER_CONFIGS.items():
+    for name, schema in learner_schemas().items():
         cs.store(group="learner", name=f"{name}_schema", node=schema)
     try:  # schemas of the launcher / sweeper plugins, so our presets can extend them
         from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
@@ -479,7 +458,3 @@ def register_configs() -> None:
 
 register_configs()
 
-
-def schema_fields(schema: type) -> list[str]:
-    """Field names of a config dataclass (used by tests and error messages)."""
-    return [f.name for f in fields(schema)]

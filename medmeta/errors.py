@@ -25,6 +25,9 @@ __all__ = [
     "UnknownNameError",
     "InsufficientDataError",
     "CheckpointError",
+    "ArgumentError",
+    "MissingDependencyError",
+    "UntrustedFileError",
     "exit_on_user_error",
     "known_names",
 ]
@@ -70,17 +73,36 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read safely, or that does not fit the run or learner loading it."""
 
 
-def known_names(name: str, known: Iterable[str], limit: int = 30) -> str:
-    """``known`` as a readable list, the names closest to ``name`` first."""
+class ArgumentError(ConfigError, TypeError):
+    """A named component (learner, backbone, segmenter, ...) was given an argument it does not take."""
+
+
+class MissingDependencyError(UserError, ModuleNotFoundError):
+    """An optional package is not installed; the message names the ``pip install`` that adds it."""
+
+
+class UntrustedFileError(UserError, PermissionError):
+    """A file that runs code when read (a pickle) was not marked as trusted."""
+
+    def __str__(self) -> str:  # OSError would format its args as "[Errno ...]"
+        return str(self.args[0]) if self.args else ""
+
+
+def known_names(name: str, known: Iterable[str], limit: int = 30, *, what: str = "") -> str:
+    """``known`` as a readable list, the names closest to ``name`` first; ``what`` (a plural such
+    as ``"learners"``) names the list: ``known learners: ...``."""
     names = [str(k) for k in known]
     close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5)
     ordered = close + sorted(k for k in names if k not in close)
     text = ", ".join(repr(k) for k in ordered[:limit])
     if len(ordered) > limit:
         text += f", ... ({len(ordered) - limit} more)"
+    label = f"known {what}".rstrip()
     if close:
-        return f"did you mean {', '.join(repr(c) for c in close)}? Known: {text}"
-    return f"known: {text}" if ordered else "none exist"
+        return f"did you mean {', '.join(repr(c) for c in close)}? {label[0].upper()}{label[1:]}: {text}"
+    if not ordered:
+        return f"no {what} exist" if what else "none exist"
+    return f"{label}: {text}"
 
 
 def exit_on_user_error(app: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -1,10 +1,16 @@
-"""Atomic file writes: every file medmeta writes appears whole or not at all.
+"""Atomic file writes and the one safe ``torch.load``.
+
+Every file medmeta writes appears whole or not at all.
 
 A run killed mid-write must never leave a half-written checkpoint, result table or dataset file
 behind. Each writer goes through a temporary file in the target's folder (same file system),
 ``fsync`` and ``os.replace``, so readers see the old file or the new one. Temporary files get the
 usual ``0666 & ~umask`` permissions (``mkstemp`` alone would make results readable by their owner
 only, which breaks shared cluster folders).
+
+Every tensor file medmeta reads (checkpoints, weights, saved heads, challenge outputs) goes
+through :func:`load_torch_file`: ``torch.load`` with ``weights_only=True`` on the CPU, so no pickled code
+ever runs, with an error that names the file when it is missing or holds more than tensors.
 """
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+from medmeta.errors import DataFormatError, MissingDataError, UserError
+
+__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "load_torch_file"]
 
 PathLike = Union[str, Path]
 
@@ -63,3 +71,31 @@ def write_text_atomic(path: PathLike, text: str) -> Path:
 def write_json_atomic(path: PathLike, payload: Any) -> Path:
     """Write compact JSON to ``path`` atomically; returns ``path``."""
     return write_bytes_atomic(path, (json.dumps(payload, separators=(",", ":")) + "\n").encode("utf-8"))
+
+
+def load_torch_file(
+    path: PathLike,
+    what: str = "tensor file",
+    *,
+    map_location: Any = "cpu",
+    error: type[UserError] = DataFormatError,
+) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain Python values, never pickled code.
+
+    ``what`` names the file in errors (``"checkpoint"``, ``"weights file"``). A missing file is a
+    :class:`~medmeta.errors.MissingDataError`; a file that ``weights_only`` loading refuses (not a
+    torch file, or a pickle with code in it) raises ``error`` (a :class:`~medmeta.errors.UserError`
+    class, :class:`~medmeta.errors.DataFormatError` by default).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a corrupt file, or a pickle that needs code to load
+        raise error(
+            f"{what} {path}: cannot be read by torch.load with weights_only=True ({err}); medmeta reads only "
+            f"files of tensors and plain values, never pickled code"
+        ) from err

@@ -3,16 +3,17 @@
 :class:`Registry` maps names to factories (learners, segmenters, MIL heads, slide backends,
 pretrained weight sources), timm style: ``register`` as a decorator, ``create(name, ...)``,
 ``names()``; an unknown name is an :class:`~medmeta.errors.UnknownNameError` listing the known
-ones. :func:`lazy_exports` gives a package ``__getattr__`` / ``__dir__`` that import a name's
+ones, and arguments the factory does not take are an :class:`~medmeta.errors.ArgumentError`. :func:`lazy_exports` gives a package ``__getattr__`` / ``__dir__`` that import a name's
 module on first use, so optional extras (OpenSlide, nibabel) load only when needed.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Iterator
 from typing import Any, Callable, Generic, Optional, TypeVar, overload
 
-from medmeta.errors import UnknownNameError, known_names
+from medmeta.errors import ArgumentError, UnknownNameError, known_names
 
 __all__ = ["Registry", "lazy_exports", "normalize_name"]
 
@@ -26,11 +27,16 @@ def normalize_name(name: str) -> str:
 
 
 class Registry(Generic[T]):
-    """Name -> factory (a class or function) of one kind of component."""
+    """Name -> factory (a class or function) of one kind of component.
+
+    Look-ups go through :func:`normalize_name` (``"Linear-Probe"`` finds ``"linear_probe"``);
+    :meth:`names` lists the names as they were registered (``"imagenet-mobilenetv2"`` stays).
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._names: dict[str, str] = {}
 
     @overload
     def register(self, name: str) -> Callable[[F], F]: ...
@@ -47,6 +53,8 @@ class Registry(Generic[T]):
             current = self._entries.get(key)
             if current is not None and current is not value and not overwrite:
                 raise ValueError(f"{self.kind} {key!r} is already registered")
+            if current is not value:  # the same object again keeps its first spelling
+                self._names[key] = str(name).strip()
             self._entries[key] = value
             return value
 
@@ -56,17 +64,36 @@ class Registry(Generic[T]):
         """The factory registered as ``name``."""
         key = normalize_name(name)
         if key not in self._entries:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; {known_names(key, self._entries)}")
+            known = known_names(str(name), self._names.values(), what=f"{self.kind}s")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; {known}")
         return self._entries[key]
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Call the factory registered as ``name`` with ``args`` and ``kwargs``."""
+        """Call the factory registered as ``name`` with ``args`` and ``kwargs``; arguments it does
+        not take are an :class:`~medmeta.errors.ArgumentError` naming the component (checked
+        against its signature before the call, so a ``TypeError`` inside it stays a bug)."""
         factory: Any = self.get(name)
+        try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):  # no introspectable signature (some builtins)
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as err:
+                raise ArgumentError(f"{self.kind} {self._names[normalize_name(name)]!r}: {err}") from None
         return factory(*args, **kwargs)
 
     def names(self) -> list[str]:
-        """Registered names, sorted."""
-        return sorted(self._entries)
+        """Registered names as registered, sorted."""
+        return sorted(self._names.values())
+
+    def copy(self) -> "Registry[T]":
+        """An independent registry with the same entries (tests register into a copy)."""
+        other: Registry[T] = Registry(self.kind)
+        other._entries = dict(self._entries)
+        other._names = dict(self._names)
+        return other
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and normalize_name(name) in self._entries

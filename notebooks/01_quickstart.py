@@ -75,7 +75,7 @@ def save(fig, name):
 if MEDIMETA_ROOT:
     meta = MetaDataset(MEDIMETA_ROOT)
 else:
-    from medmeta.data.embedded import open_default
+    from medmeta.recipes import open_default
 
     meta = open_default("real")
 print(meta)

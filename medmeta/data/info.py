@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from medmeta.data.errors import DataFormatError, MissingDataError, UnknownNameError, known_names
+from medmeta.errors import DataFormatError, MissingDataError, UnknownNameError, known_names
 from medmeta.tasks import TaskDescription, TaskTarget
 
 __all__ = ["SPLIT_NAMES", "TaskInfo", "DatasetInfo", "read_info"]

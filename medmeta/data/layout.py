@@ -20,8 +20,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from medmeta.data.errors import DataFormatError, MissingDataError, UnknownNameError, known_names
 from medmeta.data.info import DatasetInfo, TaskInfo
+from medmeta.errors import DataFormatError, MissingDataError, UnknownNameError, known_names
 from medmeta.tasks import TaskTarget
 
 __all__ = [

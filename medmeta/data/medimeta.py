@@ -7,7 +7,8 @@ uint8 image (HDF5 row or TIFF), converted to the task's ``input_size`` channels 
 PIL's ``convert("L")`` integer formula, gray -> RGB by repetition), resized to ``input_size``
 with PIL's bilinear filter when the stored size differs, scaled to [0, 1] and normalised with
 mean 0.5 / std 0.5; the label is ``torch.as_tensor`` of the stored value (binary labels with
-shape ``(1,)``).
+shape ``(1,)``). The conversion is :class:`medmeta.data.transforms.ImageTransform`, shared by
+every image source.
 
 Differences that matter for speed and safety, not for values:
 
@@ -32,7 +33,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medmeta.data.errors import DataFormatError, MissingDataError, UnknownNameError, known_names
 from medmeta.data.info import DatasetInfo, TaskInfo, read_info
 from medmeta.data.layout import (
     HDF5_DATASET,
@@ -45,46 +45,15 @@ from medmeta.data.layout import (
     resolve_split_indices,
     tiff_path,
 )
-from medmeta.data.source import TaskSource
+from medmeta.data.source import Positions, TaskSource, unique_indices
+from medmeta.data.transforms import ImageTransform, check_channels, check_normalize, parse_size
+from medmeta.errors import DataFormatError, MissingDataError, UnknownNameError, known_names
 from medmeta.tasks import TaskTarget
 
-__all__ = [
-    "MedIMetaTaskSource",
-    "NORMALIZATIONS",
-    "find_dataset_dir",
-    "rgb_to_gray",
-    "resize_uint8",
-]
+__all__ = ["MedIMetaTaskSource", "find_dataset_dir"]
 
-NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "official": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-"""Mean and std per channel: the official loader's default, and ImageNet's (MedIMeta paper)."""
-
-ImageTransform = Callable[[Tensor], Tensor]
-
-
-def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
-    """uint8 ``(..., 3)`` RGB -> ``(...)`` luma, bit-identical to PIL's ``Image.convert("L")``.
-
-    PIL computes ``(19595 R + 38470 G + 7471 B + 0x8000) >> 16`` (ITU-R 601-2 weights in 16-bit
-    fixed point); checked against PIL on all 2**24 colours.
-    """
-    x = rgb.astype(np.uint32)
-    gray = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16
-    return gray.astype(np.uint8)
-
-
-def resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a uint8 ``(H, W)`` or ``(H, W, 3)`` image to ``size = (H', W')`` exactly as
-    torchvision's ``Resize`` does on a PIL image (PIL bilinear with antialiasing)."""
-    from PIL import Image
-
-    h, w = size
-    if image.shape[:2] == (h, w):
-        return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+BatchTransform = Callable[[Tensor], Tensor]
+"""A user transform on the normalised float batch ``(B, C, H, W)``."""
 
 
 def _memory_map(path: Path, ds: Any) -> Optional[np.ndarray]:
@@ -136,20 +105,6 @@ def find_dataset_dir(root_or_dataset_dir: "str | Path", dataset_id: Optional[str
     raise UnknownNameError(f"dataset_id={dataset_id!r}: no such dataset under {path}; {known_names(dataset_id, found)}")
 
 
-def _parse_size(image_size: Any, default: Sequence[int]) -> tuple[int, int]:
-    if image_size is None:
-        return int(default[0]), int(default[1])
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        size = (int(image_size), int(image_size))
-    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
-        size = (int(image_size[0]), int(image_size[1]))
-    else:
-        raise ValueError(f"image_size: expected an int or (height, width), got {image_size!r}")
-    if min(size) < 1:
-        raise ValueError(f"image_size: expected positive sizes, got {image_size!r}")
-    return size
-
-
 class MedIMetaTaskSource(TaskSource):
     """One task of one dataset in the MedIMeta format (see module doc).
 
@@ -179,7 +134,7 @@ class MedIMetaTaskSource(TaskSource):
         task_name: str,
         split: SplitArg = None,
         original_split: SplitArg = None,
-        transform: Optional[ImageTransform] = None,
+        transform: Optional[BatchTransform] = None,
         channels: Optional[int] = None,
         image_format: str = "hdf5",
         normalize: Optional[str] = "official",
@@ -202,13 +157,14 @@ class MedIMetaTaskSource(TaskSource):
         if image_format not in ("hdf5", "tiff"):
             raise ValueError(f"image_format: expected 'hdf5' or 'tiff', got {image_format!r}")
         self.image_format = image_format
-        if channels is not None and channels not in (1, 3):
-            raise ValueError(f"channels: expected None, 1 or 3, got {channels!r}")
-        self.num_channels: int = int(channels) if channels is not None else info.num_channels
-        if normalize is not None and normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize: expected None or one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
-        self.normalize = normalize
-        self.image_size: tuple[int, int] = _parse_size(image_size, info.input_size[1:])
+        channels = check_channels(channels)
+        self.num_channels: int = channels if channels is not None else info.num_channels
+        self.normalize = check_normalize(normalize)
+        size = parse_size(image_size, info.input_size[1:])
+        assert size is not None  # a default is given
+        self.image_size: tuple[int, int] = size
+        self.image_transform = ImageTransform(self.num_channels, self.image_size, self.normalize)
+        """The conversion of stored images (channels, size, normalisation), one hashable value."""
         if transform is not None and not callable(transform):
             raise TypeError(f"transform: expected a callable on (B, C, H, W) float tensors, got {type(transform).__name__}")
         self.transform = transform
@@ -235,42 +191,34 @@ class MedIMetaTaskSource(TaskSource):
         """``(C, H, W)`` of the images this source returns."""
         return (self.num_channels, *self.image_size)
 
-    def read_images(self, positions: Sequence[int]) -> Tensor:
+    def read_images(self, positions: Positions) -> Tensor:
         """Images at item ``positions`` as ``(B, C, H, W)`` float32, in the order given.
 
         Through h5py, the rows are read in one sorted fancy-index call (repeats read once); through
         the memory map, rows are gathered chunk by chunk in the order asked for. The conversion
-        runs on chunks of about 1 MiB written into one output tensor, so the float passes stay
-        in the CPU cache; ``transform`` then runs on the whole batch.
+        (:class:`~medmeta.data.transforms.ImageTransform`) runs on chunks of about 1 MiB written
+        into one output tensor; ``transform`` then runs on the whole batch.
         """
-        pos = self._check_positions(positions)
+        pos = self.check_positions(positions)
         indices = self.image_indices[pos]
         n = len(pos)
         if self.image_format == "hdf5":
             ds = self._images()
-            stored = tuple(int(v) for v in ds.shape[1:])
             if isinstance(ds, np.ndarray):  # memory map: gather rows in the requested order
                 def fetch(sel: slice) -> np.ndarray:
                     return ds[indices[sel]]
             else:
-                unique, inverse = np.unique(indices, return_inverse=True)
+                unique, inverse, in_order = unique_indices(indices)
                 raw = self._read_hdf5(unique)
-                inverse = inverse.reshape(-1)
-                same = len(unique) == n and bool(np.all(inverse == np.arange(n)))  # already sorted
 
                 def fetch(sel: slice) -> np.ndarray:
-                    return raw[sel] if same else raw[inverse[sel]]
-            if stored[:2] == self.image_size:
-                out = self._to_tensor(fetch, n, stored)
-            else:  # resizing works per image (PIL), like the official loader
-                out = self._convert([fetch(slice(k, k + 1))[0] for k in range(n)])
+                    return raw[sel] if in_order else raw[inverse[sel]]
+            out = self.image_transform.rows(fetch, n, ds.shape[1:])
         else:
-            unique, inverse = np.unique(indices, return_inverse=True)
-            batch = self._convert([self._read_tiff(int(i)) for i in unique])
-            inverse = inverse.reshape(-1)
-            out = batch
-            if not (len(unique) == n and np.array_equal(inverse, np.arange(n))):
-                out = batch[torch.from_numpy(inverse)]
+            unique, inverse, in_order = unique_indices(indices)
+            out = self.image_transform.images([self._read_tiff(int(i)) for i in unique])
+            if not in_order:
+                out = out[torch.from_numpy(inverse)]
         if self.transform is not None:
             out = self.transform(out)
         return out
@@ -286,12 +234,12 @@ class MedIMetaTaskSource(TaskSource):
         position = int(position)
         if position < 0:  # sequence semantics, as the official loader's list indexing
             position += len(self)
-        position = int(self._check_positions([position])[0])
+        position = int(self.check_positions([position])[0])
         return self.read_images([position])[0], self.label_tensor(position)
 
     def __getitems__(self, positions: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
         """Batched fetch used by ``torch.utils.data.DataLoader``: one read per batch."""
-        pos = self._check_positions(positions)
+        pos = self.check_positions(positions)
         images = self.read_images(pos)
         return [(images[i], self.label_tensor(int(p))) for i, p in enumerate(pos)]
 
@@ -300,20 +248,6 @@ class MedIMetaTaskSource(TaskSource):
         return class_counts(self.labels, self.task_info)
 
     # -- reading ---------------------------------------------------------------------------------
-    def _check_positions(self, positions: Sequence[int]) -> np.ndarray:
-        pos = np.asarray(positions)
-        if pos.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        if pos.dtype.kind not in "iu" or pos.ndim != 1:
-            raise TypeError(f"positions: expected a 1-d sequence of integer item positions, got {pos.dtype} {pos.shape}")
-        n = len(self)
-        if pos.min() < 0 or pos.max() >= n:
-            bad = pos[(pos < 0) | (pos >= n)][:10].tolist()
-            raise IndexError(
-                f"{self.description.task_identifier} ({self.split}): positions {bad} out of range 0..{n - 1}"
-            )
-        return pos.astype(np.int64, copy=False)
-
     def _images(self) -> Any:
         """The stored images, opened once per process: a read-only memory map of the HDF5
         ``images`` dataset when it is stored contiguously without filters (as MedIMeta's files
@@ -362,51 +296,6 @@ class MedIMetaTaskSource(TaskSource):
             raise MissingDataError(f"{path}: TIFF image {index} not found (image_format='tiff')") from None
         except (UnidentifiedImageError, OSError) as err:
             raise DataFormatError(f"{path}: cannot be read as a TIFF image ({err})") from None
-
-    def _convert(self, images: list[np.ndarray]) -> Tensor:
-        """Single uint8 images (TIFFs, or rows that need resizing) -> ``(B, C, H, W)`` float32:
-        channel conversion, PIL bilinear resize, then :meth:`_to_tensor`, in the official order."""
-        want = self.num_channels
-        prepared = []
-        for img in images:
-            if img.ndim == 3 and want == 1:
-                img = rgb_to_gray(img)
-            prepared.append(resize_uint8(img, self.image_size))
-        if len({p.ndim for p in prepared}) > 1:  # mixed gray and RGB TIFFs (only when RGB is wanted)
-            prepared = [p if p.ndim == 3 else np.repeat(p[..., None], 3, axis=-1) for p in prepared]
-        array = np.stack(prepared) if prepared else np.zeros((0, *self.image_size), dtype=np.uint8)
-        return self._to_tensor(lambda sel: array[sel], len(array), tuple(array.shape[1:]))
-
-    def _to_tensor(self, fetch: Callable[[slice], np.ndarray], n: int, stored: tuple[int, ...]) -> Tensor:
-        """uint8 rows ``fetch(slice)`` of shape ``(k, *stored)`` -> ``(n, C, H, W)`` float32.
-
-        RGB -> gray uses PIL's integer formula; gray -> RGB repeats the plane; then the official
-        float32 operations (``/ 255``, ``- mean``, ``/ std``) run in place, chunk by chunk.
-        """
-        want = self.num_channels
-        h, w = stored[0], stored[1]
-        out = torch.empty((n, want, h, w), dtype=torch.float32)
-        mean_t = std_t = None
-        if self.normalize is not None:
-            mean, std = NORMALIZATIONS[self.normalize]
-            mean_t = torch.tensor(mean[:want], dtype=torch.float32).view(1, want, 1, 1)
-            std_t = torch.tensor(std[:want], dtype=torch.float32).view(1, want, 1, 1)
-        step = max(1, (1 << 20) // (want * h * w * 4))
-        for i in range(0, n, step):
-            j = min(n, i + step)
-            rows = fetch(slice(i, j))
-            if rows.ndim == 4 and want == 1:
-                rows = rgb_to_gray(rows)
-            t = torch.from_numpy(np.ascontiguousarray(rows))
-            t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
-            if t.shape[1] != want:
-                t = t.expand(-1, want, -1, -1)
-            chunk = out[i:j]
-            chunk.copy_(t)  # uint8 -> float32, exact
-            chunk.div_(255)
-            if mean_t is not None:
-                chunk.sub_(mean_t).div_(std_t)
-        return out
 
     # -- pickling / lifetime ---------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

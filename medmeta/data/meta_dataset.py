@@ -4,8 +4,10 @@ A root holds one folder per dataset, each with an ``info.yaml`` (see :mod:`medme
 :class:`MetaDataset` lists the tasks with their domain, target, size and class counts, keeps a
 subset (:meth:`MetaDataset.filter`), leaves out a held-out target with the datasets its
 ``domain_overlaps`` and ``subject_overlaps`` name (:meth:`MetaDataset.held_out`, as in the
-MedIMeta paper's leave-one-out experiments), and opens a task as a
-:class:`~medmeta.data.medimeta.MedIMetaTaskSource` (:meth:`MetaDataset.source`).
+MedIMeta paper's leave-one-out experiments), opens a task as a
+:class:`~medmeta.data.medimeta.MedIMetaTaskSource` (:meth:`MetaDataset.source`, at the
+meta-dataset's default ``image_size``), and selects the train / validation / test tasks of an
+experiment (:func:`plan_tasks`, :class:`TaskPlan`).
 """
 from __future__ import annotations
 
@@ -14,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-
-from medmeta.data.errors import DataFormatError, MissingDataError, UnknownNameError, known_names
 from medmeta.data.info import DatasetInfo, read_info
 from medmeta.data.layout import HDF5_FILE, INFO_FILE, LABEL_DIR, load_task_labels
 from medmeta.data.medimeta import MedIMetaTaskSource, class_counts
+from medmeta.errors import ConfigError, DataFormatError, MissingDataError, UnknownNameError, known_names
 from medmeta.tasks import TaskDescription, TaskTarget
 
-__all__ = ["TaskEntry", "MetaDataset", "discover_datasets"]
+__all__ = ["TaskEntry", "TaskPlan", "MetaDataset", "discover_datasets", "plan_tasks"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ def discover_datasets(root: "str | Path") -> dict[str, DatasetInfo]:
     return found
 
 
+def _sizes(size: Union[int, Sequence[int]]) -> list[int]:
+    return [int(size)] if isinstance(size, int) else [int(v) for v in size]
+
+
 def _names(value: Union[str, Iterable[str], None], argument: str) -> Optional[list[str]]:
     if value is None:
         return None
@@ -98,9 +103,10 @@ class MetaDataset:
     Args:
         root: the data root (one folder per dataset), or a single dataset folder.
         dataset_ids: keep only these datasets (unknown ids raise, listing the known ones).
-        channels / normalize / image_format: defaults for :meth:`source` (see
+        channels / normalize / image_format / image_size: defaults for :meth:`source` (see
             :class:`~medmeta.data.medimeta.MedIMetaTaskSource`; ``channels=3`` and
-            ``normalize="imagenet"`` reproduce the MedIMeta paper's experiments).
+            ``normalize="imagenet"`` reproduce the MedIMeta paper's experiments;
+            ``image_size=None`` reads images at their stored size, an int resizes every image).
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class MetaDataset:
         channels: Optional[int] = None,
         normalize: Optional[str] = "official",
         image_format: str = "hdf5",
+        image_size: Union[int, Sequence[int], None] = None,
         _infos: Optional[dict[str, DatasetInfo]] = None,
         _left_out: Sequence[str] = (),
     ) -> None:
@@ -127,6 +134,9 @@ class MetaDataset:
         self.channels = channels
         self.normalize = normalize
         self.image_format = image_format
+        if image_size is not None and min(_sizes(image_size)) < 1:
+            raise ValueError(f"MetaDataset: image_size must be None or positive, got {image_size}")
+        self.image_size = image_size
         self.left_out: tuple[str, ...] = tuple(_left_out)
         self._entries: Optional[list[TaskEntry]] = None
         self._sources: dict[Any, MedIMetaTaskSource] = {}
@@ -227,6 +237,7 @@ class MetaDataset:
             channels=self.channels,
             normalize=self.normalize,
             image_format=self.image_format,
+            image_size=self.image_size,
             _infos={i: info for i, info in self.datasets.items() if i in keep},
             _left_out=tuple(dict.fromkeys([*self.left_out, *left_out])),
         )
@@ -288,13 +299,15 @@ class MetaDataset:
         """Open one task as a :class:`~medmeta.data.medimeta.MedIMetaTaskSource`.
 
         ``split`` is a split name, a list of names, or ``None`` for every image;
-        ``original_splits=True`` reads ``original_splits/`` instead of ``splits/``. Further
-        keyword arguments (``channels``, ``normalize``, ``image_format``) override the
+        ``original_splits=True`` reads ``original_splits/`` instead of ``splits/``;
+        ``image_size=None`` uses the meta-dataset's ``image_size``. Further keyword arguments (``channels``, ``normalize``, ``image_format``) override the
         meta-dataset's defaults. Sources without a ``transform`` are cached per process.
         """
         info = self.info(dataset_id)
         info.task(task_name)
-        options = {"channels": self.channels, "normalize": self.normalize, "image_format": self.image_format}
+        if image_size is None:
+            image_size = self.image_size
+        options: dict[str, Any] = {"channels": self.channels, "normalize": self.normalize, "image_format": self.image_format}
         unknown = sorted(set(kwargs) - set(options))
         if unknown:
             raise TypeError(f"MetaDataset.source: unexpected argument(s) {unknown}; accepted: split, original_splits, "
@@ -321,6 +334,18 @@ class MetaDataset:
         if transform is None:
             self._sources[key] = source
         return source
+
+    def plan_tasks(
+        self,
+        train: Any = None,
+        val: Any = None,
+        test: Any = None,
+        target: Optional[str] = None,
+        need: Sequence[str] = ("train", "val", "test"),
+        where: str = "data",
+    ) -> "TaskPlan":
+        """The train / val / test tasks of an experiment (see :func:`plan_tasks`)."""
+        return plan_tasks(self, train, val, test, target=target, need=need, where=where)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -353,3 +378,157 @@ class MetaDataset:
         columns = ["dataset_id", "task_name", "domain", "target", "num_classes", "num_samples", "train", "val", "test",
                    "input_size", "class_counts", "min_class_count"]
         return pd.DataFrame(rows, columns=columns)
+
+
+# task selection of an experiment ---------------------------------------------------------------
+@dataclass
+class TaskPlan:
+    """The ``(dataset_id, task_name)`` pairs of each phase, and what the target left out."""
+
+    train: list[tuple[str, str]]
+    val: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+    left_out: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "train": [f"{d}/{t}" for d, t in self.train],
+            "val": [f"{d}/{t}" for d, t in self.val],
+            "test": [f"{d}/{t}" for d, t in self.test],
+            "left_out_datasets": list(self.left_out),
+        }
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):  # dicts and OmegaConf DictConfigs
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _entry_target(entry: Any) -> TaskTarget:
+    return TaskTarget.parse(getattr(entry, "target"))
+
+
+def _classification(entry: Any) -> bool:
+    from medmeta.episodes.labels import SUPPORTED_TARGETS
+
+    return _entry_target(entry) in SUPPORTED_TARGETS
+
+
+def _select(entries: Sequence[Any], sel: Any, where: str, all_entries: Sequence[Any]) -> list[tuple[str, str]]:
+    """Apply one task selection (:class:`~medmeta.config.TaskSelection`) to task entries,
+    validating every name against ``all_entries``."""
+    known_ids = sorted({e.dataset_id for e in all_entries})
+    known_domains = sorted({str(e.domain) for e in all_entries})
+    known_tasks = {(e.dataset_id, e.task_name) for e in all_entries}
+
+    def names(key: str) -> Optional[list[str]]:
+        value = _get(sel, key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        return [str(v) for v in value]
+
+    ids, domains, targets, tasks = names("dataset_ids"), names("domains"), names("targets"), names("tasks")
+    exclude = names("exclude") or []
+    for i in ids or []:
+        if i not in known_ids:
+            raise ConfigError(f"{where}.dataset_ids: unknown dataset id {i!r}; the meta-dataset has {known_ids}")
+    for d in domains or []:
+        if d not in known_domains:
+            raise ConfigError(f"{where}.domains: unknown domain {d!r}; the meta-dataset has {known_domains}")
+    parsed_targets = None
+    if targets is not None:
+        parsed_targets = {TaskTarget.parse(t, where=f"{where}.targets") for t in targets}
+
+    def parse_task(text: str, key: str) -> tuple[str, str]:
+        if "/" not in text:
+            raise ConfigError(f"{where}.{key}: {text!r} should be 'dataset_id/task_name'")
+        ds, name = text.split("/", 1)
+        if ds not in known_ids:
+            raise ConfigError(f"{where}.{key}: unknown dataset id {ds!r} in {text!r}; the meta-dataset has {known_ids}")
+        if (ds, name) not in known_tasks:
+            have = sorted(t for d, t in known_tasks if d == ds)
+            raise ConfigError(f"{where}.{key}: dataset {ds!r} has no task {name!r}; its tasks are {have}")
+        return ds, name
+
+    explicit = None if tasks is None else [parse_task(t, "tasks") for t in tasks]
+    excluded_ids: set[str] = set()
+    excluded_tasks: set[tuple[str, str]] = set()
+    for item in exclude:
+        if "/" in item:
+            excluded_tasks.add(parse_task(item, "exclude"))
+        elif item in known_ids:
+            excluded_ids.add(item)
+        else:
+            raise ConfigError(
+                f"{where}.exclude: {item!r} is neither a dataset id nor 'dataset_id/task_name'; dataset ids are {known_ids}"
+            )
+    out = []
+    for e in entries:
+        key = (e.dataset_id, e.task_name)
+        if explicit is not None and key not in explicit:
+            continue
+        if ids is not None and e.dataset_id not in ids:
+            continue
+        if domains is not None and str(e.domain) not in domains:
+            continue
+        if parsed_targets is not None and _entry_target(e) not in parsed_targets:
+            continue
+        if e.dataset_id in excluded_ids or key in excluded_tasks:
+            continue
+        if not _classification(e):
+            if explicit is not None:
+                raise ConfigError(
+                    f"{where}.tasks: {e.dataset_id}/{e.task_name} has target {_entry_target(e).value}, "
+                    f"which few-shot classification cannot use"
+                )
+            continue
+        out.append(key)
+    return out
+
+
+def plan_tasks(
+    meta_dataset: Any,
+    train: Any = None,
+    val: Any = None,
+    test: Any = None,
+    target: Optional[str] = None,
+    need: Sequence[str] = ("train", "val", "test"),
+    where: str = "data",
+) -> TaskPlan:
+    """The train / val / test tasks of an experiment on ``meta_dataset`` (a :class:`MetaDataset`,
+    or anything with ``tasks`` and ``held_out``).
+
+    ``train`` / ``val`` / ``test`` are task selections (:class:`~medmeta.config.TaskSelection`,
+    a mapping with its keys, or ``None`` for every task). With ``target`` set, train and val
+    leave out the target and its overlapping datasets (``meta_dataset.held_out(target)``) and
+    test draws from the target's tasks. Only classification tasks are kept. Every phase in
+    ``need`` must end up with at least one task. Errors are :class:`~medmeta.errors.ConfigError`
+    naming the option (``<where>.train.dataset_ids``, ...) and what exists.
+    """
+    entries = list(meta_dataset.tasks)
+    left_out: list[str] = []
+    pool = entries
+    test_pool = entries
+    if target is not None:
+        known_ids = sorted({e.dataset_id for e in entries})
+        if target not in known_ids:
+            raise ConfigError(f"{where}.target: unknown dataset id {target!r}; the meta-dataset has {known_ids}")
+        kept = meta_dataset.held_out(target)
+        kept_keys = {(e.dataset_id, e.task_name) for e in kept.tasks}
+        pool = [e for e in entries if (e.dataset_id, e.task_name) in kept_keys]
+        left_out = sorted({e.dataset_id for e in entries} - {e.dataset_id for e in pool})
+        test_pool = [e for e in entries if e.dataset_id == target]
+    plan = TaskPlan(
+        train=_select(pool, train, f"{where}.train", entries),
+        val=_select(pool, val, f"{where}.val", entries),
+        test=_select(test_pool, test, f"{where}.test", entries),
+        left_out=left_out,
+    )
+    for phase in need:
+        if not getattr(plan, phase):
+            extra = f" (target {target!r} leaves out {left_out})" if target is not None else ""
+            raise ConfigError(f"{where}.{phase}: the selection matches no classification task{extra}")
+    return plan

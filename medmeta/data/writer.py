@@ -46,7 +46,6 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from medmeta.data.errors import DataFormatError, MissingDataError
 from medmeta.data.info import SPLIT_NAMES, DatasetInfo, TaskInfo
 from medmeta.data.layout import (
     ANNOTATIONS_FILE,
@@ -61,6 +60,7 @@ from medmeta.data.layout import (
     image_relpath,
     split_dir_name,
 )
+from medmeta.errors import DataFormatError, MissingDataError
 from medmeta.tasks import TaskTarget
 
 __all__ = ["write_dataset", "write_dataset_from_folder", "CALLER_INFO_FIELDS", "DERIVED_INFO_FIELDS"]
@@ -495,8 +495,8 @@ def _load_image(path: Path, mode: str, size: Optional[tuple[int, int]], where: s
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = image.convert(mode)
+        with Image.open(path) as opened:
+            image = opened.convert(mode)
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
@@ -615,7 +615,7 @@ def write_dataset_from_folder(
     if channels not in (1, 3):
         raise DataFormatError(f"channels: expected 1 or 3, got {channels!r}")
     mode = "L" if channels == 1 else "RGB"
-    images = []
+    images: list[np.ndarray] = []
     for row, path in enumerate(paths):
         img = _load_image(path, mode, size, f"{csv_path}: row {row + 2}, column {image_column!r}")
         if images and img.shape != images[0].shape:

@@ -43,23 +43,25 @@ __all__ = ["MultiDomainSampler", "EpisodeStream", "collate_episodes", "task_weig
 WEIGHTINGS = ("uniform", "size", "tempered")
 
 
-def task_weights(sizes: Sequence[int], weighting: str = "uniform", temperature: float = 2.0) -> np.ndarray:
+def task_weights(
+    sizes: "Sequence[int] | np.ndarray", weighting: str = "uniform", temperature: float = 2.0
+) -> np.ndarray:
     """Probabilities of picking each task (see module doc)."""
-    sizes = np.asarray(sizes, dtype=np.float64)
+    counts = np.asarray(sizes, dtype=np.float64)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
-    if len(sizes) == 0:
+    if len(counts) == 0:
         raise ValueError("task_weights: no tasks")
     if weighting == "uniform":
-        w = np.ones_like(sizes)
+        w = np.ones_like(counts)
     elif weighting == "size":
-        w = sizes
+        w = counts
     else:
         if not temperature > 0:
             raise ValueError(f"temperature: expected > 0, got {temperature}")
-        w = sizes ** (1.0 / float(temperature))
+        w = counts ** (1.0 / float(temperature))
     if not np.all(w > 0):
-        raise ValueError(f"task_weights: every task needs at least one item, got sizes {sizes.tolist()}")
+        raise ValueError(f"task_weights: every task needs at least one item, got sizes {counts.tolist()}")
     return w / w.sum()
 
 

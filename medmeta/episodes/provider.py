@@ -40,6 +40,8 @@ def task_key(task: Any) -> tuple[str, str]:
 class SourceProvider:
     """Uniform, per-process cached access to task sources (see module doc)."""
 
+    sources: SourcesLike
+
     def __init__(self, sources: SourcesLike, split: Optional[str] = None) -> None:
         if isinstance(sources, SourceProvider):
             sources = sources.sources

@@ -27,6 +27,7 @@ import numpy as np
 from medmeta.data.source import TaskSource
 from medmeta.episodes.labels import check_supported, class_pools, encode_labels, ordered_class_positions
 from medmeta.episodes.spec import EpisodeSpec
+from medmeta.errors import InsufficientDataError
 from medmeta.tasks import TaskTarget
 
 __all__ = [
@@ -37,10 +38,6 @@ __all__ = [
     "episode_rng",
     "task_names",
 ]
-
-
-class InsufficientDataError(ValueError):
-    """A task has too few images in some class for the requested episodes."""
 
 
 def episode_rng(seed: int, episode_number: int, *stream: int) -> np.random.Generator:

@@ -42,6 +42,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medmeta.data.transforms import (
+    NORMALIZATIONS,
+    ImageTransform,
+    check_normalize,
+    parse_size,
+    read_image_file,
+    uint8_to_float,
+)
+from medmeta.errors import (
+    ConfigError,
+    DataFormatError,
+    MissingDataError,
+    MissingDependencyError,
+    UntrustedFileError,
+    exit_on_user_error,
+)
+from medmeta.io import load_torch_file
 from medmeta.learners.base import Learner
 from medmeta.learners.heads import task_probabilities
 from medmeta.tasks import TaskDescription, TaskTarget
@@ -67,7 +84,16 @@ _KINDS = {
     "ordinal": TaskTarget.ORDINAL_REGRESSION,
 }
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-_NORMALIZE = {"medimeta": ((0.5,), (0.5,)), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+_NORMALIZE_ALIASES = {"medimeta": "official"}
+"""Former CLI names of :data:`~medmeta.data.transforms.NORMALIZATIONS` entries, still accepted."""
+
+
+def _normalize_name(normalize: str) -> str:
+    """A :data:`~medmeta.data.transforms.NORMALIZATIONS` key (``medimeta`` is the former name of
+    ``official``)."""
+    name = _NORMALIZE_ALIASES.get(normalize, normalize)
+    check_normalize(name, where="--normalize")
+    return name
 
 
 def parse_task_kind(kind: str) -> TaskTarget:
@@ -83,11 +109,11 @@ def make_description(kind: "str | TaskTarget", classes: Sequence[str], task_iden
     target = parse_task_kind(kind) if not isinstance(kind, TaskTarget) else kind
     classes = [str(c).strip() for c in classes if str(c).strip()]
     if len(classes) < 2 and target is not TaskTarget.MULTILABEL_CLASSIFICATION:
-        raise ValueError(f"--classes: a {target.value} task needs at least 2 class names, got {classes}")
+        raise ConfigError(f"--classes: a {target.value} task needs at least 2 class names, got {classes}")
     if len(set(classes)) != len(classes):
-        raise ValueError(f"--classes: duplicate class names in {classes}")
+        raise ConfigError(f"--classes: duplicate class names in {classes}")
     if target is TaskTarget.BINARY_CLASSIFICATION and len(classes) != 2:
-        raise ValueError(f"--classes: a binary task needs exactly 2 class names (negative, positive), got {classes}")
+        raise ConfigError(f"--classes: a binary task needs exactly 2 class names (negative, positive), got {classes}")
     return TaskDescription(target, tuple(classes), task_identifier, "challenge")
 
 
@@ -96,20 +122,17 @@ def load_tensor_file(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[st
     """Tensors (and string metadata) from ``.safetensors`` or a tensors-only ``torch.save`` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tensor file {path} does not exist")
+        raise MissingDataError(f"tensor file {path} does not exist")
     if path.suffix == ".safetensors":
         try:
             from safetensors import safe_open
         except ImportError:
-            raise ImportError(f"{path}: reading .safetensors needs the 'safetensors' package (pip install safetensors)") from None
+            raise MissingDependencyError(f"{path}: reading .safetensors needs the 'safetensors' package (pip install safetensors)") from None
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"tensor file {path}: cannot be read with torch.load(weights_only=True) ({exc})") from None
+    obj = load_torch_file(path, "tensor file")
     if not isinstance(obj, dict):
-        raise ValueError(f"tensor file {path}: expected a dict of tensors, got {type(obj).__name__}")
+        raise DataFormatError(f"tensor file {path}: expected a dict of tensors, got {type(obj).__name__}")
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     meta = obj.get("metadata", {})
     meta = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
@@ -132,39 +155,20 @@ def save_tensor_file(path: Union[str, Path], tensors: dict[str, Tensor], metadat
 
 
 def _normalize_images(images: Tensor, where: str, normalize: str) -> Tensor:
+    """Tensor-file images: uint8 ``(N, [C,] H, W)`` scaled and normalised as every source does
+    (:func:`~medmeta.data.transforms.uint8_to_float`); float images are used as given."""
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4:
-        raise ValueError(f"{where}: expected images (N, C, H, W), got shape {tuple(images.shape)}")
+        raise DataFormatError(f"{where}: expected images (N, C, H, W), got shape {tuple(images.shape)}")
     if images.dtype == torch.uint8:
-        images = images.float() / 255.0
-        mean, std = _NORMALIZE[normalize]
-        c = images.shape[1]
-        m = torch.tensor(mean if len(mean) == c else mean[:1] * c).view(1, c, 1, 1)
-        s = torch.tensor(std if len(std) == c else std[:1] * c).view(1, c, 1, 1)
-        images = (images - m) / s
-    elif not images.dtype.is_floating_point:
-        raise ValueError(f"{where}: expected float or uint8 images, got {images.dtype}")
+        return uint8_to_float(images, _normalize_name(normalize))
+    if not images.dtype.is_floating_point:
+        raise DataFormatError(f"{where}: expected float or uint8 images, got {images.dtype}")
     return images.float()
 
 
 # -- image folders -----------------------------------------------------------------------------
-def _read_image(path: Path, channels: int, size: Optional[int]) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None:
-                img = img.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} listed in the CSV does not exist") from None
-    except OSError as exc:
-        raise ValueError(f"image {path}: cannot be read ({exc})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
 def _csv_of(path: Path) -> Optional[Path]:
     if path.is_file() and path.suffix.lower() == ".csv":
         return path
@@ -176,7 +180,7 @@ def _csv_of(path: Path) -> Optional[Path]:
         if len(csvs) == 1:
             return csvs[0]
         if len(csvs) > 1:
-            raise ValueError(f"{path}: several CSV files {[c.name for c in csvs]}; pass the CSV file itself")
+            raise DataFormatError(f"{path}: several CSV files {[c.name for c in csvs]}; pass the CSV file itself")
     return None
 
 
@@ -191,7 +195,7 @@ def encode_label_names(rows: list[dict[str, str]], description: TaskDescription,
             return classes.index(value)
         if value.lstrip("-").isdigit() and 0 <= int(value) < len(classes):
             return int(value)
-        raise ValueError(f"{where}, row {i + 2}: label {value!r} is not one of the classes {classes} (or a position 0..{len(classes) - 1})")
+        raise DataFormatError(f"{where}, row {i + 2}: label {value!r} is not one of the classes {classes} (or a position 0..{len(classes) - 1})")
 
     if target is TaskTarget.MULTILABEL_CLASSIFICATION:
         out = np.zeros((len(rows), len(classes)), dtype=np.float32)
@@ -200,17 +204,17 @@ def encode_label_names(rows: list[dict[str, str]], description: TaskDescription,
                 for j, c in enumerate(classes):
                     v = row[c].strip()
                     if v not in ("0", "1", "0.0", "1.0"):
-                        raise ValueError(f"{where}, row {i + 2}: column {c!r} must be 0 or 1, got {v!r}")
+                        raise DataFormatError(f"{where}, row {i + 2}: column {c!r} must be 0 or 1, got {v!r}")
                     out[i, j] = float(v)
         elif rows and "labels" in rows[0]:
             for i, row in enumerate(rows):
                 for name in filter(None, (s.strip() for s in row["labels"].split(";"))):
                     out[i, position(name, i)] = 1.0
         else:
-            raise ValueError(f"{where}: a multi-label CSV needs a 'labels' column or one 0/1 column per class {classes}")
+            raise DataFormatError(f"{where}: a multi-label CSV needs a 'labels' column or one 0/1 column per class {classes}")
         return torch.from_numpy(out)
     if rows and "label" not in rows[0]:
-        raise ValueError(f"{where}: the support CSV needs a 'label' column")
+        raise DataFormatError(f"{where}: the support CSV needs a 'label' column")
     pos = np.asarray([position(row["label"], i) for i, row in enumerate(rows)], dtype=np.int64)
     if target is TaskTarget.BINARY_CLASSIFICATION:
         return torch.from_numpy(pos.astype(np.float32))[:, None]
@@ -223,16 +227,24 @@ def load_image_set(
     with_labels: bool,
     channels: int = 3,
     image_size: Optional[int] = None,
-    normalize: str = "medimeta",
+    normalize: str = "official",
 ) -> tuple[Tensor, Optional[Tensor], list[str]]:
-    """Images (normalised float ``(N, C, H, W)``), episode labels (support) and file names."""
+    """Images (normalised float ``(N, C, H, W)``), episode labels (support) and file names.
+
+    Images are converted like every MedIMeta source's
+    (:class:`~medmeta.data.transforms.ImageTransform`: RGB -> grey with PIL's formula, grey
+    repeated for RGB, PIL bilinear resize to ``image_size``, then ``normalize``).
+    """
+    transform = ImageTransform(channels, parse_size(image_size), _normalize_name(normalize))
+    if with_labels and description is None:
+        raise DataFormatError(f"{path}: a labelled support set needs the task description (classes)")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingDataError(f"{path} does not exist")
     csv_path = _csv_of(path)
     if csv_path is None:
         if with_labels:
-            raise ValueError(f"{path}: a labelled support set needs a CSV with 'file' and 'label' columns")
+            raise DataFormatError(f"{path}: a labelled support set needs a CSV with 'file' and 'label' columns")
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
         rows = [{"file": p.name} for p in files]
         base = path
@@ -241,15 +253,18 @@ def load_image_set(
             rows = list(csv.DictReader(f))
         base = csv_path.parent
         if rows and "file" not in rows[0]:
-            raise ValueError(f"{csv_path}: needs a 'file' column (image path relative to the CSV), has {list(rows[0])}")
+            raise DataFormatError(f"{csv_path}: needs a 'file' column (image path relative to the CSV), has {list(rows[0])}")
     if not rows:
-        raise ValueError(f"{path}: no images")
-    arrays = [_read_image(base / r["file"], channels, image_size) for r in rows]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"{path}: images have different sizes {sorted(shapes)[:4]}; pass --image-size")
-    images = _normalize_images(torch.from_numpy(np.stack(arrays)), str(path), normalize)
-    labels = encode_label_names(rows, description, str(csv_path)) if with_labels else None
+        raise DataFormatError(f"{path}: no images")
+    where = str(csv_path or path)
+    arrays = [read_image_file(base / r["file"], channels, where) for r in rows]
+    sizes = {a.shape[:2] for a in arrays}
+    if image_size is None and len(sizes) != 1:
+        raise DataFormatError(f"{path}: images have different sizes {sorted(sizes)[:4]}; pass --image-size")
+    images = transform.images(arrays)
+    labels = None
+    if with_labels and description is not None:
+        labels = encode_label_names(rows, description, str(csv_path))
     return images, labels, [r["file"] for r in rows]
 
 
@@ -261,11 +276,11 @@ def _load_part(
         tensors, meta = load_tensor_file(path)
         key = f"{part}_images"
         if key not in tensors:
-            raise ValueError(f"tensor file {path}: has no {key!r} (it has {sorted(tensors)})")
+            raise DataFormatError(f"tensor file {path}: has no {key!r} (it has {sorted(tensors)})")
         images = _normalize_images(tensors[key], f"{path}:{key}", args.normalize)
         labels = tensors.get("support_labels") if part == "support" else None
         if part == "support" and labels is None:
-            raise ValueError(f"tensor file {path}: has no 'support_labels'")
+            raise DataFormatError(f"tensor file {path}: has no 'support_labels'")
         return images, labels, [], meta
     images, labels, names = load_image_set(
         path, description, part == "support", channels=args.channels, image_size=args.image_size, normalize=args.normalize
@@ -291,7 +306,7 @@ def predict_query(
 
     check_labels(support_labels, description, where="support labels")
     if len(support_labels) != len(support_images):
-        raise ValueError(f"support set: {len(support_images)} images but {len(support_labels)} labels")
+        raise DataFormatError(f"support set: {len(support_images)} images but {len(support_labels)} labels")
     if device is None:
         device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     learner.to(device)
@@ -355,17 +370,21 @@ def run_challenge(
     probabilities_out: Optional[Union[str, Path]] = None,
     channels: int = 3,
     image_size: Optional[int] = None,
-    normalize: str = "medimeta",
+    normalize: str = "official",
     device: Optional[Any] = None,
 ) -> tuple[Tensor, Tensor]:
     """Python API of the challenge command: inputs as paths or tensors, writes the CSV."""
     args = argparse.Namespace(channels=channels, image_size=image_size, normalize=normalize)
+    s_labels: Optional[Tensor]
+    files: list[str] = []
     if isinstance(support, tuple):
         s_images, s_labels = support
     else:
         s_images, s_labels, _, _ = _load_part(support, "support", description, args)
+    if s_labels is None:
+        raise DataFormatError(f"{support}: the support set has no labels")
     if isinstance(query, Tensor):
-        q_images, files = query, []
+        q_images = query
     else:
         q_images, _, files, _ = _load_part(query, "query", description, args)
     if description.task_target is TaskTarget.BINARY_CLASSIFICATION and s_labels.ndim == 1:
@@ -429,7 +448,7 @@ class _TrustedTorchCrossUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _stack_part(part: Any, where: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _stack_part(part: Any, where: str) -> tuple[Tensor, Optional[Tensor]]:
     """(images, labels) of a TorchCross support/query collection."""
     if isinstance(part, (tuple, list)) and len(part) == 2 and all(isinstance(p, Tensor) for p in part) and part[0].ndim == 4:
         return part[0], part[1]
@@ -446,7 +465,7 @@ def _stack_part(part: Any, where: str) -> tuple[Optional[Tensor], Optional[Tenso
                 return torch.as_tensor([int(i) for i in images]), torch.stack(labels)
         if all(isinstance(x, Tensor) for x in part):
             return torch.stack(list(part)), None
-    raise ValueError(f"{where}: unrecognised TorchCross collection ({type(part).__name__})")
+    raise DataFormatError(f"{where}: unrecognised TorchCross collection ({type(part).__name__})")
 
 
 def convert_torchcross_task(path: Union[str, Path], out: Union[str, Path], trust_pickle: bool = False) -> Path:
@@ -459,27 +478,32 @@ def convert_torchcross_task(path: Union[str, Path], out: Union[str, Path], trust
     """
     path = Path(path)
     if not trust_pickle:
-        raise PermissionError(
+        raise UntrustedFileError(
             f"{path}: reading a pickle can run arbitrary code; pass --trust-pickle (trust_pickle=True) only "
             f"for files from a source you trust"
         )
+    if not path.is_file():
+        raise MissingDataError(f"TorchCross task file {path} does not exist")
     with open(path, "rb") as f:
         obj = _TrustedTorchCrossUnpickler(f).load()
     tasks = obj if isinstance(obj, list) else [obj]
     if not tasks or not all(isinstance(t, _TCTask) for t in tasks):
-        raise ValueError(f"{path}: expected a TorchCross Task (or a list of them), got {type(obj).__name__}")
+        raise DataFormatError(f"{path}: expected a TorchCross Task (or a list of them), got {type(obj).__name__}")
     converted = []
     for i, task in enumerate(tasks):
         desc = getattr(task, "description", None)
-        target = _tc_target(getattr(desc, "task_target", 1)) if not isinstance(getattr(desc, "task_target", None), TaskTarget) else desc.task_target
+        raw_target = getattr(desc, "task_target", 1)
+        target = raw_target if isinstance(raw_target, TaskTarget) else _tc_target(raw_target)
         classes_obj = getattr(desc, "classes", None) or {}
         classes = [str(classes_obj[k]) for k in sorted(classes_obj)] if isinstance(classes_obj, dict) else [str(c) for c in classes_obj]
         s_x, s_y = _stack_part(task.support, f"{path} task {i} support")
         q_x, q_y = _stack_part(task.query, f"{path} task {i} query")
-        if target.uses_sigmoid and s_y is not None:
+        if s_y is None:
+            raise DataFormatError(f"{path} task {i}: the support set has no labels")
+        if target.uses_sigmoid:
             s_y = s_y.float().reshape(len(s_y), -1)
             q_y = q_y.float().reshape(len(q_y), -1) if q_y is not None else None
-        elif s_y is not None:
+        else:
             s_y = s_y.long().reshape(-1)
             q_y = q_y.long().reshape(-1) if q_y is not None else None
         converted.append((target, classes, s_x, s_y, q_x, q_y, getattr(desc, "task_identifier", None) or "", getattr(desc, "domain_identifier", None) or ""))
@@ -487,7 +511,7 @@ def convert_torchcross_task(path: Union[str, Path], out: Union[str, Path], trust
     index_tasks = all(c[2].ndim == 1 for c in converted)
     if index_tasks or len(converted) > 1:
         if not index_tasks:
-            raise ValueError(f"{path}: holds {len(converted)} image tasks; convert one task per file")
+            raise DataFormatError(f"{path}: holds {len(converted)} image tasks; convert one task per file")
         from medmeta.io import write_json_atomic
 
         return write_json_atomic(
@@ -519,7 +543,7 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--option {item!r}: expected key=value")
+            raise ConfigError(f"--option {item!r}: expected key=value")
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
@@ -556,7 +580,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--option", action="append", default=[], help="learner option key=value (YAML value)")
     pr.add_argument("--channels", type=int, default=3, choices=(1, 3))
     pr.add_argument("--image-size", type=int, default=None)
-    pr.add_argument("--normalize", choices=sorted(_NORMALIZE), default="medimeta")
+    pr.add_argument(
+        "--normalize", choices=[*sorted(NORMALIZATIONS), *_NORMALIZE_ALIASES], default="official",
+        help="image normalisation (medmeta.data.transforms.NORMALIZATIONS; 'medimeta' is the former name of 'official')",
+    )
     pr.add_argument("--device", default=None)
     pr.add_argument("--out", required=True, help="prediction CSV")
     pr.add_argument("--probabilities-out", help="also write probabilities as .safetensors or .pt")
@@ -569,7 +596,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def command() -> int:
         if args.command == "convert":
             out = convert_torchcross_task(args.pickle_file, args.out, trust_pickle=args.trust_pickle)
             print(f"wrote {out}")
@@ -580,7 +608,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kind = args.task_kind or meta.get("task_target")
         classes = args.classes.split(",") if args.classes else json.loads(meta["classes"]) if "classes" in meta else None
         if kind is None or classes is None:
-            raise ValueError("--task-kind and --classes are required (the inputs do not state them)")
+            raise ConfigError("--task-kind and --classes are required (the inputs do not state them)")
         description = make_description(kind, classes)
         query = args.query or args.support
         learner = _build_learner(args)
@@ -590,9 +618,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         print(f"wrote {len(preds)} predictions to {args.out}")
         return 0
-    except (ValueError, FileNotFoundError, PermissionError, ImportError, TypeError) as exc:
-        print(f"medmeta-challenge: error: {exc}", file=sys.stderr)
-        return 2
+
+    return exit_on_user_error("medmeta-challenge", command)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medmeta.data.source import TaskSource
+from medmeta.data.source import Positions, TaskSource
 from medmeta.episodes.labels import labels_to_tensor
 from medmeta.episodes.spec import EpisodeSpec
 from medmeta.learners.base import Learner
@@ -44,7 +44,7 @@ class FeatureCache:
         self,
         learner: Learner,
         source: TaskSource,
-        positions: Sequence[int],
+        positions: Positions,
         batch_size: int = 256,
         device: Optional[Any] = None,
     ) -> None:
@@ -87,12 +87,12 @@ class FeatureCache:
     def __len__(self) -> int:
         return int(len(self.positions))
 
-    def get(self, positions: Sequence[int]) -> Tensor:
+    def get(self, positions: Positions) -> Tensor:
         """Cached features of item ``positions`` (in the order given)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        rows = self._row[positions]
+        pos = np.asarray(positions, dtype=np.int64)
+        rows = self._row[pos]
         if np.any(rows < 0):
-            missing = positions[rows < 0][:10].tolist()
+            missing = pos[rows < 0][:10].tolist()
             raise KeyError(f"FeatureCache: positions {missing} were not embedded")
         return self.features[torch.as_tensor(rows, device=self.features.device)]
 
@@ -106,8 +106,8 @@ class FeatureCache:
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")

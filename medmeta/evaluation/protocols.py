@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -199,7 +199,9 @@ def custom_protocol(
     return ProtocolConfig(shots=tuple(shots), instances=instances, metrics=tuple(metrics), **overrides)
 
 
-PROTOCOLS = {"l2l": l2l_protocol, "medimeta": medimeta_protocol, "custom": ProtocolConfig}
+PROTOCOLS: dict[str, Callable[..., ProtocolConfig]] = {
+    "l2l": l2l_protocol, "medimeta": medimeta_protocol, "custom": ProtocolConfig,
+}
 
 
 def get_protocol(name: str, **overrides: Any) -> ProtocolConfig:

@@ -1,4 +1,5 @@
-"""Reports of a protocol run: tidy CSV, Markdown summary, score-against-shots plot.
+"""Reports of a protocol run: tidy CSV, Markdown summary, score-against-shots plot, and the
+plain-text result table and JSON summary that the apps print and store.
 
 Everything is written atomically (temporary file + ``os.replace``). Plots use matplotlib's
 object API with the Agg canvas, so they never touch pyplot's global state or need a display.
@@ -6,10 +7,12 @@ object API with the Agg canvas, so they never touch pyplot's global state or nee
 from __future__ import annotations
 
 import io
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import pandas as pd
 
 from medmeta.evaluation.metrics import METRICS, mean_ci
@@ -22,8 +25,12 @@ __all__ = [
     "markdown_summary",
     "plot_scores_vs_shots",
     "write_report",
+    "results_table",
+    "protocol_summary",
     "write_bytes_atomic",
 ]
+
+log = logging.getLogger("medmeta.evaluation")
 
 
 def write_csv(df: pd.DataFrame, path: Union[str, Path]) -> Path:
@@ -200,3 +207,71 @@ def write_report(df: pd.DataFrame, out_dir: Union[str, Path], config: Any = None
             df, primary, out_dir / f"{primary}_vs_shots.png", scale=scale.get(primary, 1.0), title=f"{name} protocol"
         )
     return paths
+
+
+def _report_scale(protocol: Any, metric: str) -> float:
+    return float(dict(getattr(protocol, "report_scale", {}) or {}).get(metric, 1.0))
+
+
+def _task_score(rows: pd.DataFrame, metric: str) -> float:
+    """A task's score: the metric averaged over episodes per shot count, then over shot counts (L2L)."""
+    per_shot = rows.groupby("shots")[metric].mean() if "shots" in rows else rows[metric]
+    return float(per_shot.mean()) if len(per_shot) else float("nan")
+
+
+def results_table(df: pd.DataFrame, protocol: Any) -> str:
+    """A plain-text table of the protocol's primary metric: one row per task, one column per
+    method (mean ± 95% CI over episodes and shots, scaled as the protocol reports), then the mean
+    over tasks and, with two or more methods, the mean rank (rank then aggregate)."""
+    metric = protocol.primary_metric
+    scale = _report_scale(protocol, metric)
+    methods = list(dict.fromkeys(df["method"]))
+    tasks = list(dict.fromkeys(zip(df["dataset"], df["task"])))
+    header = ["task"] + methods
+    rows: list[list[str]] = []
+    per_task_means: dict[str, list[float]] = {m: [] for m in methods}
+    for dataset, task in tasks:
+        row = [f"{dataset}/{task}"]
+        for m in methods:
+            sub = df[(df["dataset"] == dataset) & (df["task"] == task) & (df["method"] == m)]
+            ci = mean_ci(sub[metric])  # the CI is over all the task's episodes
+            value = _task_score(sub, metric)
+            per_task_means[m].append(value)
+            row.append("n/a" if np.isnan(value) else f"{value * scale:.2f} ± {ci.half_width * scale:.2f}")
+        rows.append(row)
+    footer = [["mean over tasks"] + [f"{np.nanmean(per_task_means[m]) * scale:.2f}" for m in methods]]
+    if len(methods) > 1:
+        try:
+            ranks = rank_then_aggregate(df, score=metric, higher_is_better=protocol.higher_is_better)
+            by = dict(zip(ranks["method"], ranks["mean_rank"]))
+            footer.append(["mean rank"] + [f"{by.get(m, float('nan')):.2f}" for m in methods])
+        except ValueError as err:  # e.g. a metric undefined on some task
+            log.warning("rank then aggregate not available: %s", err)
+    table = [header] + rows + footer
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    title = f"{protocol.name}: {metric}" + (f" x{scale:g}" if scale != 1 else "") + " (mean ± 95% CI)"
+    sep = "-" * len(line(header))
+    return "\n".join([title, sep, line(header), sep, *[line(r) for r in rows], sep, *[line(r) for r in footer]])
+
+
+def protocol_summary(df: pd.DataFrame, protocol: Any) -> dict[str, Any]:
+    """The primary metric per method (scaled as the protocol reports): each task's score, their
+    mean over tasks and the number of episodes (what ``final_metrics.json`` stores)."""
+    metric = protocol.primary_metric
+    scale = _report_scale(protocol, metric)
+    out: dict[str, Any] = {"protocol": protocol.name, "metric": metric, "scale": scale, "methods": {}}
+    for method, sub in df.groupby("method", sort=False):
+        tasks = {}
+        for (dataset, task), g in sub.groupby(["dataset", "task"], sort=True):
+            tasks[f"{dataset}/{task}"] = _task_score(g, metric) * scale
+        values = [v for v in tasks.values() if not np.isnan(v)]
+        out["methods"][str(method)] = {
+            "mean_over_tasks": float(np.mean(values)) if values else float("nan"),
+            "tasks": tasks,
+            "episodes": int(len(sub)),
+        }
+    return out

@@ -10,7 +10,7 @@ from medmeta.learners.linear_probe import LinearProbe, fit_linear_head
 from medmeta.learners.maml import ANIL, FOMAML, MAML, AdaptedTask, MetaSGD, ProtoMAML
 from medmeta.learners.pretrain import MixedBatchSampler, MultiTaskPretrainer, TaskBatch
 from medmeta.learners.protonet import ProtoNet, Prototypes, class_prototypes, prototype_head, prototype_logits
-from medmeta.learners.registry import create_learner, is_learner, list_learners, register_learner
+from medmeta.learners.registry import LEARNERS, create_learner, is_learner, list_learners, register_learner
 from medmeta.learners.state import load_learner, save_learner
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "MultiTaskPretrainer",
     "MixedBatchSampler",
     "TaskBatch",
+    "LEARNERS",
     "create_learner",
     "list_learners",
     "register_learner",

@@ -1,27 +1,52 @@
 """The one learner API that every protocol, experiment and adapter uses.
 
 A learner adapts to a labelled support set and returns a predictor that maps query images to
-logits (inference), and gives a meta-training loss for a batch of episodes (training).
+logits (inference). How it trains, if at all, it declares in :attr:`Learner.training_kind`:
+
+* ``"episodic"``: :meth:`Learner.meta_loss` on a meta-batch of episodes, and
+  :meth:`Learner.meta_backward`, which the training loop calls with its whole per-rank
+  meta-batch (ProtoNet, the MAML family);
+* ``"pretraining"``: ``loss(batch)`` on mixed-task batches of images (mm-PT);
+* ``None``: it adapts at test time only (linear probe, fine-tuning); the training app refuses
+  it before any work (:func:`check_trainable`).
+
 Learners whose predictions depend on images only through a frozen backbone set
-``frozen_backbone = True`` and implement :meth:`Learner.adapt_features`, so protocols can embed
-every image once and solve episodes on cached features.
+``frozen_backbone = True`` and implement :meth:`Learner.adapt_features` (see
+:class:`~medmeta.learners.frozen.FrozenFeatureLearner`), so protocols can embed every image
+once and solve episodes on cached features.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Literal, Optional, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Literal, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
+from medmeta.errors import ConfigError
 from medmeta.tasks import Episode, TaskDescription
 
-__all__ = ["Learner", "Predictor", "TrainingKind"]
+__all__ = [
+    "Learner",
+    "Predictor",
+    "TrainingKind",
+    "EpisodeScope",
+    "check_trainable",
+    "trainable_learners",
+]
 
 Predictor = Callable[[Tensor], Tensor]
 
 TrainingKind = Literal["episodic", "pretraining"]
 """How a learner trains: ``"episodic"`` (``meta_loss`` on meta-batches of episodes) or
 ``"pretraining"`` (``loss`` on mixed-task batches of images); ``None`` means it is not trainable."""
+
+EpisodeScope = Callable[[Episode], ContextManager[Any]]
+"""A context to enter around one episode's share of a meta-batch (the training loop seeds the
+torch RNG per episode with it, so dropout does not depend on how episodes are split over ranks)."""
+
+_HOW = {
+    "pretraining": "it trains through loss(batch) on mixed-task batches (MixedBatchSampler)",
+    None: "it adapts at test time only",
+}
 
 
 class Learner(nn.Module):
@@ -34,16 +59,6 @@ class Learner(nn.Module):
 
     def adapt(self, support_images: Tensor, support_labels: Tensor, description: TaskDescription) -> Predictor:
         """Adapt to a support set; return a callable mapping query images to logits."""
-        if self.frozen_backbone:
-            with torch.no_grad():
-                feats = self.embed(support_images)
-            features_predictor = self.adapt_features(feats, support_labels, description)
-
-            def predict(query_images: Tensor) -> Tensor:
-                with torch.no_grad():
-                    return features_predictor(self.embed(query_images))
-
-            return predict
         raise NotImplementedError(f"{type(self).__name__} does not implement adapt()")
 
     def predict(self, episode: Episode) -> Tensor:
@@ -52,9 +67,34 @@ class Learner(nn.Module):
             episode.query_images
         )
 
+    # Episodic training (training_kind == "episodic") ---------------------------------------
     def meta_loss(self, episodes: Sequence[Episode]) -> Tensor:
-        """Mean query loss over a batch of episodes, differentiable w.r.t. meta-parameters."""
-        raise NotImplementedError(f"{type(self).__name__} has no meta-training loss")
+        """Mean query loss over a batch of episodes, differentiable w.r.t. meta-parameters.
+
+        Only episodic learners have one; the others raise :class:`~medmeta.errors.ConfigError`
+        saying how they train.
+        """
+        raise ConfigError(
+            f"{type(self).__name__} has no meta-training loss (training_kind={self.training_kind!r}): "
+            f"{_HOW.get(self.training_kind, 'it is not trained on episodes')}"
+        )
+
+    def meta_backward(
+        self, episodes: Sequence[Episode], scale: Optional[float] = None, episode_scope: Optional[EpisodeScope] = None
+    ) -> Tensor:
+        """Accumulate the meta-gradient of a meta-batch into ``.grad``; return the mean query loss (detached).
+
+        The gradients are those of ``meta_loss(episodes).backward()`` scaled by
+        ``scale * len(episodes)`` (``scale`` defaults to ``1 / len(episodes)``; a data-parallel
+        loop passes ``1 / global meta-batch size``, so the gradients summed over ranks are the
+        gradient of the global mean). This default builds one graph for the whole meta-batch;
+        learners override it to free memory task by task (entering ``episode_scope(episode)``
+        around each task) or to batch tasks (MAML with ``vmap``, which ignores the scope).
+        """
+        scale = 1.0 / len(episodes) if scale is None else float(scale)
+        loss = self.meta_loss(episodes)
+        (loss * (scale * len(episodes))).backward()
+        return loss.detach()
 
     # Feature path for frozen-backbone learners -------------------------------------------
     def embed(self, images: Tensor) -> Tensor:
@@ -66,3 +106,35 @@ class Learner(nn.Module):
     ) -> Predictor:
         """Adapt on precomputed support features; the predictor maps query features to logits."""
         raise NotImplementedError(f"{type(self).__name__} does not implement adapt_features()")
+
+
+def trainable_learners() -> dict[str, TrainingKind]:
+    """Registered learner names that the training app can train, with how they train."""
+    from medmeta.learners.registry import LEARNERS
+
+    kinds = {name: getattr(LEARNERS.get(name), "training_kind", None) for name in LEARNERS.names()}
+    return {name: kind for name, kind in kinds.items() if kind is not None}
+
+
+def check_trainable(learner: Any, name: Optional[str] = None) -> TrainingKind:
+    """How ``learner`` (an instance, a class, or a registered name) trains; a
+    :class:`~medmeta.errors.ConfigError` with a one-line fix when it is not trainable.
+
+    ``name`` is the learner's name in the config (default: the registered name or class name).
+    Call it before opening any data, so ``medmeta-train learner=linear_probe`` fails at once.
+    """
+    if isinstance(learner, str):
+        from medmeta.learners.registry import LEARNERS
+
+        name = learner if name is None else name
+        learner = LEARNERS.get(learner)
+    kind: Optional[TrainingKind] = getattr(learner, "training_kind", None)
+    if kind is not None:
+        return kind
+    if name is None:
+        name = learner.__name__ if isinstance(learner, type) else type(learner).__name__
+    trainable = ", ".join(sorted(trainable_learners()))
+    raise ConfigError(
+        f"learner={name} is not trainable ({_HOW[None]}): evaluate it with "
+        f"medmeta-evaluate +learner@learners.{name}={name}, or train one of {trainable}"
+    )

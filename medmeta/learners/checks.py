@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from medmeta.errors import DataFormatError
 from medmeta.learners.heads import check_labels
 from medmeta.tasks import Episode, TaskDescription, TaskTarget
 
@@ -32,11 +33,11 @@ def check_images(images: Any, where: str) -> None:
     if not isinstance(images, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor of images (B, C, H, W), got {type(images).__name__}")
     if images.ndim != 4:
-        raise ValueError(f"{where}: expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+        raise DataFormatError(f"{where}: expected images of shape (B, C, H, W), got {tuple(images.shape)}")
     if not images.dtype.is_floating_point:
-        raise ValueError(f"{where}: expected floating-point images, got {images.dtype}")
+        raise DataFormatError(f"{where}: expected floating-point images, got {images.dtype}")
     if images.shape[0] == 0:
-        raise ValueError(f"{where}: the batch is empty")
+        raise DataFormatError(f"{where}: the batch is empty")
 
 
 def missing_classes(labels: Tensor, description: TaskDescription) -> list[str]:
@@ -73,11 +74,11 @@ def _check_support_labels(
         raise TypeError(f"{where}: labels must be a torch.Tensor, got {type(labels).__name__}")
     check_labels(labels, description, where=f"{where}: labels")
     if len(labels) != n_items:
-        raise ValueError(f"{where}: {n_items} {what} but {len(labels)} labels")
+        raise DataFormatError(f"{where}: {n_items} {what} but {len(labels)} labels")
     if require_all_classes:
         missing = missing_classes(labels, description)
         if missing:
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: no examples of {', '.join(missing)}; every class of the episode "
                 f"({list(description.classes)}) needs support examples"
             )
@@ -97,7 +98,7 @@ def check_support_features(
     """Validate cached support features ``(N, dim)`` and their labels."""
     if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[1] != dim:
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(
+        raise DataFormatError(
             f"support features of {description.task_identifier}: expected (N, {dim}), got {shape}"
         )
     _check_support_labels(labels, len(features), "feature rows", description, require_all_classes)
@@ -107,7 +108,7 @@ def check_query_features(query_features: Tensor, dim: int, description: TaskDesc
     """Cached query features must be ``(N, dim)``."""
     if not isinstance(query_features, Tensor) or query_features.ndim != 2 or query_features.shape[1] != dim:
         shape = tuple(query_features.shape) if isinstance(query_features, Tensor) else type(query_features).__name__
-        raise ValueError(f"query features of {description.task_identifier}: expected (N, {dim}), got {shape}")
+        raise DataFormatError(f"query features of {description.task_identifier}: expected (N, {dim}), got {shape}")
 
 
 def check_query(query_images: Tensor, support_images: Tensor, description: TaskDescription) -> None:
@@ -115,7 +116,7 @@ def check_query(query_images: Tensor, support_images: Tensor, description: TaskD
     where = f"query images of {description.task_identifier}"
     check_images(query_images, where)
     if query_images.shape[1] != support_images.shape[1]:
-        raise ValueError(
+        raise DataFormatError(
             f"{where}: {query_images.shape[1]} channels, but the support set has "
             f"{support_images.shape[1]} (shape {tuple(query_images.shape)} vs {tuple(support_images.shape)})"
         )
@@ -124,7 +125,7 @@ def check_query(query_images: Tensor, support_images: Tensor, description: TaskD
 def check_episodes(episodes: Sequence[Episode], require_all_classes: bool = True) -> None:
     """Validate a meta-batch: support, query images and query labels of every episode."""
     if len(episodes) == 0:
-        raise ValueError("episodes: the meta-batch is empty")
+        raise DataFormatError("episodes: the meta-batch is empty")
     for i, ep in enumerate(episodes):
         if not isinstance(ep, Episode):
             raise TypeError(f"episodes[{i}]: expected an Episode, got {type(ep).__name__}")
@@ -132,7 +133,7 @@ def check_episodes(episodes: Sequence[Episode], require_all_classes: bool = True
         check_query(ep.query_images, ep.support_images, ep.description)
         check_labels(ep.query_labels, ep.description, where=f"query labels of {ep.description.task_identifier}")
         if len(ep.query_labels) != len(ep.query_images):
-            raise ValueError(
+            raise DataFormatError(
                 f"query set of {ep.description.task_identifier}: {len(ep.query_images)} images but "
                 f"{len(ep.query_labels)} labels"
             )
@@ -142,7 +143,7 @@ def feature_dim(backbone: nn.Module) -> int:
     """The backbone's pooled feature size (``num_features``, as timm and medmeta backbones have)."""
     dim = getattr(backbone, "num_features", None)
     if not isinstance(dim, int) or dim <= 0:
-        raise ValueError(
+        raise DataFormatError(
             f"backbone {type(backbone).__name__} has no positive integer attribute num_features; "
             f"use medmeta.backbones.create_backbone or set num_features on your module"
         )

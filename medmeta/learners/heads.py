@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medmeta.errors import DataFormatError
 from medmeta.tasks import TaskDescription, TaskTarget
 
 __all__ = [
@@ -33,26 +34,26 @@ def check_labels(labels: Tensor, description: TaskDescription, where: str = "lab
     if target.uses_sigmoid:
         k = description.num_outputs
         if labels.ndim != 2 or labels.shape[1] != k:
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: {description.task_identifier} ({target.value}) expects labels of shape "
                 f"(N, {k}) with 0/1 values, got {tuple(labels.shape)}"
             )
         bad = ~((labels == 0) | (labels == 1))
         if bool(bad.any()):
-            raise ValueError(f"{where}: {description.task_identifier} has labels other than 0/1")
+            raise DataFormatError(f"{where}: {description.task_identifier} has labels other than 0/1")
     elif target in (TaskTarget.MULTICLASS_CLASSIFICATION, TaskTarget.ORDINAL_REGRESSION):
         if labels.ndim != 1 or labels.dtype.is_floating_point:
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: {description.task_identifier} ({target.value}) expects integer labels "
                 f"of shape (N,), got {tuple(labels.shape)} {labels.dtype}"
             )
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: {description.task_identifier} has labels outside 0..{n - 1} "
                 f"(min {int(labels.min())}, max {int(labels.max())}); classes are {list(description.classes)}"
             )
     else:
-        raise ValueError(f"{where}: {target.value} is not a classification target")
+        raise DataFormatError(f"{where}: {target.value} is not a classification target")
 
 
 def ordinal_soft_targets(labels: Tensor, num_classes: int, sigma: float = 1.0) -> Tensor:

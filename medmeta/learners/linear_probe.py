@@ -71,11 +71,11 @@ def fit_linear_head(
 
             opt.step(closure)
         else:
-            opt = torch.optim.Adam([weight, bias], lr=1e-2 if lr is None else lr)
+            adam = torch.optim.Adam([weight, bias], lr=1e-2 if lr is None else lr)
             for _ in range(max_iter):
-                opt.zero_grad()
+                adam.zero_grad()
                 objective().backward()
-                opt.step()
+                adam.step()
     return weight.detach(), bias.detach()
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +48,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
-from medmeta.learners.base import Learner, Predictor
+from medmeta.learners.base import EpisodeScope, Learner, Predictor
 from medmeta.learners.checks import check_episodes, check_query, check_support, feature_dim
 from medmeta.learners.heads import task_loss
 from medmeta.learners.protonet import class_prototypes, prototype_head
 from medmeta.tasks import Episode, TaskDescription
 
-__all__ = ["MAML", "FOMAML", "ANIL", "MetaSGD", "ProtoMAML", "AdaptedTask", "BN_MODES", "HEAD_INITS"]
+__all__ = ["MAML", "FOMAML", "ANIL", "MetaSGD", "ProtoMAML", "AdaptedTask", "BN_MODES", "HEAD_INITS", "inner_loop"]
 
 BN_MODES = ("transductive", "running")
 HEAD_INITS = ("zero", "proto")
@@ -122,12 +122,51 @@ class _DecomposedBatchNorm(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _detach(d: Params) -> Params:
+def _detach(d: Mapping[str, Tensor]) -> Params:
     return {k: v.detach() for k, v in d.items()}
 
 
 def _lr_key(name: str) -> str:
     return name.replace(".", "/")
+
+
+InnerRate = Union[float, Callable[[int, str], Union[float, Tensor]]]
+
+
+def inner_loop(
+    loss_fn: Callable[..., Tensor],
+    params: Sequence[Params],
+    steps: int,
+    lr: InnerRate,
+    first_order: bool = False,
+) -> tuple[Params, ...]:
+    """``steps`` SGD steps on ``loss_fn(*params)``: the one MAML inner loop of medmeta.
+
+    ``params`` holds one dict of tensors per argument of ``loss_fn`` (e.g. the adapted
+    parameters and the head); every tensor in them is adapted, and ``loss_fn`` runs the model
+    with them (``torch.func.functional_call``). ``lr`` is one rate, or ``lr(i, name)`` giving
+    the rate of ``params[i][name]`` (a float, or a learned tensor as in Meta-SGD). By default the
+    result is differentiable w.r.t. ``params`` through every step (second-order MAML); with
+    ``first_order=True`` the inner gradients are constants (FOMAML, ANIL). Returns the adapted
+    dicts in the order of ``params``.
+    """
+    if callable(lr):
+        rate = lr
+    else:
+        value = float(lr)
+
+        def rate(group: int, name: str) -> Union[float, Tensor]:
+            return value
+
+    current = tuple(params)
+    grad_fn = grad(loss_fn, argnums=tuple(range(len(current))))
+    for _ in range(steps):
+        if first_order:
+            grads = tuple(_detach(g) for g in grad_fn(*(_detach(p) for p in current)))
+        else:
+            grads = grad_fn(*current)
+        current = tuple({n: p[n] - rate(i, n) * g[n] for n in p} for i, (p, g) in enumerate(zip(current, grads)))
+    return current
 
 
 class MAML(Learner):
@@ -249,7 +288,8 @@ class MAML(Learner):
     def features(self, params: Params, images: Tensor) -> Tensor:
         """Backbone features ``(B, D)`` computed with ``params`` (all backbone parameters)."""
         with _modes(self.backbone, self.bn_mode == "transductive"):
-            return functional_call(self.backbone, (params, self._functional_buffers()), (images,))
+            # None buffers (transductive BatchNorm) are allowed by functional_call, not by its annotation
+            return functional_call(self.backbone, (params, self._functional_buffers()), (images,))  # type: ignore[arg-type]
 
     def _head_init(self, support_features: Optional[Tensor], labels: Tensor, description: TaskDescription, ref: Tensor) -> Params:
         if self.head_init == "proto":
@@ -288,15 +328,10 @@ class MAML(Learner):
             logits = F.linear(feats, head_["weight"], head_["bias"])
             return task_loss(logits, support_labels, target, ordinal_loss=self.ordinal_loss)
 
-        grad_fn = grad(support_loss, argnums=(0, 1))
-        for _ in range(steps):
-            if first_order:
-                g_adapted, g_head = grad_fn(_detach(adapted), _detach(head))
-                g_adapted, g_head = _detach(g_adapted), _detach(g_head)
-            else:
-                g_adapted, g_head = grad_fn(adapted, head)
-            adapted = {n: adapted[n] - self._lr(n, training) * g_adapted[n] for n in adapted}
-            head = {n: head[n] - self._head_lr(n, training) * g_head[n] for n in head}
+        def rate(group: int, name: str) -> Union[float, Tensor]:
+            return self._lr(name, training) if group == 0 else self._head_lr(name, training)
+
+        adapted, head = inner_loop(support_loss, (adapted, head), steps, rate, first_order)
         return AdaptedTask(params={**fixed, **adapted}, head=head)
 
     def forward_adapted(self, adapted: AdaptedTask, images: Tensor) -> Tensor:
@@ -319,7 +354,7 @@ class MAML(Learner):
         """
         check_support(support_images, support_labels, description)
         if training:
-            params = dict(self.backbone.named_parameters())
+            params: Params = dict(self.backbone.named_parameters())
             return self._inner_loop(params, support_images, support_labels, description, self.inner_steps, True)
         params = _detach(dict(self.backbone.named_parameters()))
         with torch.no_grad():
@@ -354,7 +389,7 @@ class MAML(Learner):
         check_episodes(episodes)
         if training and self.update_running_stats:
             self._refresh_running_stats(episodes)
-        params = dict(self.backbone.named_parameters())
+        params: Params = dict(self.backbone.named_parameters())
         if not training:
             params = _detach(params)
         with nullcontext() if training else torch.no_grad():
@@ -419,14 +454,21 @@ class MAML(Learner):
         """Mean query loss over the meta-batch after each task's inner loop (the outer loss)."""
         return self.episode_losses(episodes).mean()
 
-    def meta_backward(self, episodes: Sequence[Episode], scale: Optional[float] = None) -> Tensor:
-        """Accumulate the meta-gradient task by task; return the mean query loss (detached).
+    def meta_backward(
+        self, episodes: Sequence[Episode], scale: Optional[float] = None, episode_scope: Optional[EpisodeScope] = None
+    ) -> Tensor:
+        """Accumulate the meta-gradient of a meta-batch; return the mean query loss (detached).
 
-        The gradients equal ``meta_loss(episodes).backward()`` (with ``scale = 1 / len(episodes)``,
-        the default; a data-parallel loop passes ``1 / global meta-batch size``), but each task's
-        graph (with second-order MAML, every inner step's) is freed after its own backward, so
-        peak memory is that of one task instead of the whole meta-batch. With ``vmap=True`` the
-        batched tasks share one graph and are backpropagated together.
+        The training loop hands this the whole per-rank meta-batch. The gradients equal
+        ``meta_loss(episodes).backward()`` (with ``scale = 1 / len(episodes)``, the default; a
+        data-parallel loop passes ``1 / global meta-batch size``).
+
+        * ``vmap=True``: tasks of equal shapes are batched with ``torch.func.vmap`` and share one
+          graph, backpropagated together (``episode_scope`` is not used: the tasks run as one).
+        * otherwise task by task, each inside ``episode_scope(episode)``: the task's support set
+          refreshes the BatchNorm running statistics (``update_running_stats``), its graph (with
+          second-order MAML, every inner step's) is backpropagated and freed, so peak memory is
+          that of one task instead of the whole meta-batch.
         """
         scale = 1.0 / len(episodes) if scale is None else float(scale)
         if self.vmap:
@@ -434,14 +476,15 @@ class MAML(Learner):
             (losses.sum() * scale).backward()
             return losses.detach().mean()
         check_episodes(episodes)
-        if self.update_running_stats:
-            self._refresh_running_stats(episodes)
-        params = dict(self.backbone.named_parameters())
+        params: Params = dict(self.backbone.named_parameters())
         total: Optional[Tensor] = None
         for ep in episodes:
-            logits = self._task_logits(params, ep.support_images, ep.support_labels, ep.query_images, ep.description, True)
-            loss = task_loss(logits, ep.query_labels, ep.description.task_target, ordinal_loss=self.ordinal_loss)
-            (loss * scale).backward()
+            with episode_scope(ep) if episode_scope is not None else nullcontext():
+                if self.update_running_stats:
+                    self._refresh_running_stats([ep])
+                logits = self._task_logits(params, ep.support_images, ep.support_labels, ep.query_images, ep.description, True)
+                loss = task_loss(logits, ep.query_labels, ep.description.task_target, ordinal_loss=self.ordinal_loss)
+                (loss * scale).backward()
             total = loss.detach() if total is None else total + loss.detach()
         assert total is not None
         return total / len(episodes)

@@ -218,8 +218,3 @@ class MultiTaskPretrainer(Learner):
     def adapt(self, support_images: Tensor, support_labels: Tensor, description: TaskDescription) -> Predictor:
         """Adapt with the configured test-time learner (default: MedIMeta fine-tuning)."""
         return self.as_learner().adapt(support_images, support_labels, description)
-
-    def meta_loss(self, episodes: Sequence[Any]) -> Tensor:
-        raise NotImplementedError(
-            "MultiTaskPretrainer trains on mixed-task batches: use loss(batch) with batches from MixedBatchSampler"
-        )

@@ -15,14 +15,15 @@ they run under ``torch.func.vmap``; Proto-MAML (:mod:`medmeta.learners.maml`) re
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medmeta.learners.base import Predictor
+from medmeta.learners.base import EpisodeScope, Predictor
 from medmeta.learners.checks import (
     check_episodes,
     check_query_features,
@@ -31,7 +32,7 @@ from medmeta.learners.checks import (
 )
 from medmeta.learners.frozen import FrozenFeatureLearner
 from medmeta.learners.heads import task_loss
-from medmeta.tasks import Episode, TaskDescription, TaskTarget
+from medmeta.tasks import Episode, TaskDescription
 
 __all__ = [
     "ProtoNet",
@@ -138,6 +139,9 @@ class ProtoNet(FrozenFeatureLearner):
     """
 
     training_kind = "episodic"
+    feature_mean: Tensor
+    has_feature_mean: Tensor
+    log_temperature: Tensor
 
     def __init__(
         self,
@@ -192,7 +196,7 @@ class ProtoNet(FrozenFeatureLearner):
         self.feature_mean.copy_(mean)
         self.has_feature_mean.fill_(True)
 
-    def _normalizer(self, support_features: Tensor):
+    def _normalizer(self, support_features: Tensor) -> Callable[[Tensor], Tensor]:
         if self.normalize is None:
             return lambda f: f
         if self.normalize == "l2":
@@ -249,4 +253,20 @@ class ProtoNet(FrozenFeatureLearner):
     def meta_loss(self, episodes: Sequence[Episode]) -> Tensor:
         """Mean query loss over the meta-batch (episodic training, Snell et al.)."""
         return self.episode_losses(episodes).mean()
+
+    def meta_backward(
+        self, episodes: Sequence[Episode], scale: Optional[float] = None, episode_scope: Optional[EpisodeScope] = None
+    ) -> Tensor:
+        """The meta-gradient of :meth:`meta_loss`, accumulated episode by episode (one graph alive at
+        a time); each episode runs inside ``episode_scope(episode)``. See :meth:`Learner.meta_backward`."""
+        check_episodes(episodes)
+        scale = 1.0 / len(episodes) if scale is None else float(scale)
+        total: Optional[Tensor] = None
+        for ep in episodes:
+            with episode_scope(ep) if episode_scope is not None else nullcontext():
+                loss = self.episode_losses([ep])[0]
+                (loss * scale).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None
+        return total / len(episodes)
 

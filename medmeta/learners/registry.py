@@ -1,7 +1,7 @@
 """Learners by name (timm-style registry): ``create_learner("maml", backbone, inner_steps=5)``.
 
 Experiments and configs name learners; :func:`register_learner` adds new ones without touching
-this module.
+this module. The names are the ones the configs use (``conf/learner/<name>.yaml``).
 """
 from __future__ import annotations
 
@@ -10,44 +10,37 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 from medmeta.learners.base import Learner
+from medmeta.registry import Registry
 
-__all__ = ["register_learner", "create_learner", "list_learners", "is_learner"]
+__all__ = ["LEARNERS", "register_learner", "create_learner", "list_learners", "is_learner"]
 
-_REGISTRY: dict[str, Callable[..., Learner]] = {}
+#: name -> learner class or factory ``fn(backbone, **kwargs) -> Learner``
+LEARNERS: Registry[Callable[..., Learner]] = Registry("learner")
 
 F = TypeVar("F", bound=Callable[..., Learner])
 
 
 def register_learner(name: str) -> Callable[[F], F]:
     """Decorator registering a factory ``fn(backbone, **kwargs) -> Learner`` (or a class) as ``name``."""
-
-    def wrap(fn: F) -> F:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"register_learner: {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+    return LEARNERS.register(name)
 
 
 def list_learners() -> list[str]:
     """Registered learner names, sorted."""
-    return sorted(_REGISTRY)
+    return LEARNERS.names()
 
 
 def is_learner(name: str) -> bool:
-    return name in _REGISTRY
+    """Whether ``name`` is a registered learner."""
+    return name in LEARNERS
 
 
 def create_learner(name: str, backbone: nn.Module, **kwargs: Any) -> Learner:
-    """Create the learner registered as ``name`` on ``backbone``; unknown names list the known ones."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ValueError(f"create_learner: unknown learner {name!r}; known learners are {list_learners()}")
-    try:
-        return _REGISTRY[key](backbone, **kwargs)
-    except TypeError as err:
-        raise TypeError(f"create_learner({name!r}): {err}") from err
+    """Create the learner registered as ``name`` on ``backbone``; an unknown name lists the known
+    ones (:class:`~medmeta.errors.UnknownNameError`), an argument the learner does not take is an
+    :class:`~medmeta.errors.ArgumentError` (a ``TypeError``)."""
+    learner: Learner = LEARNERS.create(name, backbone, **kwargs)
+    return learner
 
 
 def _register_builtins() -> None:
@@ -66,9 +59,9 @@ def _register_builtins() -> None:
         "anil": ANIL,
         "metasgd": MetaSGD,
         "protomaml": ProtoMAML,
-        "mmpt": MultiTaskPretrainer,
+        "mm_pt": MultiTaskPretrainer,
     }.items():
-        register_learner(name)(cls)
+        LEARNERS.register(name, cls)
 
 
 _register_builtins()

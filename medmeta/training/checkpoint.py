@@ -1,15 +1,17 @@
-"""Checkpoints that survive a kill at any moment and resume to the same trajectory.
+"""Training checkpoints that survive a kill at any moment and resume to the same trajectory.
 
-A checkpoint is one ``torch.save`` file holding only tensors and plain Python types, so it is
-read back with ``torch.load(weights_only=True)`` (no pickled code). It carries the model,
-optimiser and scheduler states, the step, the early-stopping state (best metric, rounds without
+A training checkpoint is the one medmeta checkpoint (:mod:`medmeta.learners.state`: format,
+architecture, the learner's ``model`` state, backbone prefix, optimiser, scheduler, config)
+plus the resume fields: the step, the early-stopping state (best metric, rounds without
 improvement), the episode stream state (the next global episode number: with counter-based
 episode RNG this alone fixes every later episode) and the torch / CUDA / numpy / Python RNG
-states, stored as tensors and lists.
+states, stored as tensors and lists. So ``last.pt`` / ``best.pt`` load with
+:func:`~medmeta.learners.state.load_learner`, and a ``save_learner`` file evaluates with
+``medmeta-evaluate checkpoint=...``.
 
-Writes are atomic: the file is written to a temporary name in the same folder, flushed to disk
-and moved over the old one with ``os.replace``, so a reader sees the old or the new checkpoint,
-never half of one.
+Writes are atomic (:func:`~medmeta.learners.state.write_checkpoint`): a reader sees the old or
+the new checkpoint, never half of one. Reads go through
+:func:`~medmeta.learners.state.read_checkpoint` (``weights_only`` loading, no pickled code).
 
 A ``fingerprint`` (learner, backbone, parameter shapes, episode settings, tasks) is stored
 with every checkpoint; :func:`check_compatible` compares it with the current run before any
@@ -19,13 +21,21 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from medmeta.io import atomic_path
+from medmeta.errors import CheckpointError
+from medmeta.learners.state import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    backbone_state_dict,
+    find_backbone_prefix,
+    read_checkpoint,
+    write_checkpoint,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -39,47 +49,18 @@ __all__ = [
     "check_compatible",
     "find_backbone_prefix",
     "backbone_state_dict",
+    "checkpoint_backbone",
+    "restore_learner",
 ]
 
-CHECKPOINT_FORMAT = "medmeta-checkpoint"
-CHECKPOINT_VERSION = 1
+IncompatibleCheckpointError = CheckpointError
+"""The former name of :class:`medmeta.errors.CheckpointError` (kept for callers that import it)."""
 
+atomic_torch_save = write_checkpoint
+"""``torch.save`` atomically (also for plain weight files such as ``best_backbone.pt``)."""
 
-class IncompatibleCheckpointError(ValueError):
-    """A checkpoint does not fit the run that tries to resume from it."""
-
-
-def atomic_torch_save(obj: Any, path: "str | Path") -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-    return path
-
-
-def load_checkpoint(path: "str | Path") -> dict[str, Any]:
-    """Read a medmeta checkpoint with ``weights_only=True``; clear errors for wrong files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise IncompatibleCheckpointError(
-            f"checkpoint {path}: cannot be read with torch.load(weights_only=True) ({err}); "
-            f"is it a medmeta checkpoint (last.pt / best.pt)?"
-        ) from err
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise IncompatibleCheckpointError(
-            f"checkpoint {path}: not a medmeta checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r}); "
-            f"to start from plain backbone weights use backbone.pretrained={path}"
-        )
-    if int(obj.get("version", -1)) != CHECKPOINT_VERSION:
-        raise IncompatibleCheckpointError(
-            f"checkpoint {path}: format version {obj.get('version')} but this medmeta reads version "
-            f"{CHECKPOINT_VERSION}"
-        )
-    return obj
+load_checkpoint = read_checkpoint
+"""Read any medmeta checkpoint (training runs' and ``save_learner``'s) with ``weights_only=True``."""
 
 
 # RNG states as tensors and plain types ------------------------------------------------------
@@ -160,32 +141,71 @@ def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
 
 
 def check_compatible(checkpoint: Mapping[str, Any], fingerprint: Mapping[str, Any], path: "str | Path" = "") -> None:
-    """Raise :class:`IncompatibleCheckpointError` naming every fingerprint field that differs.
+    """Raise :class:`~medmeta.errors.CheckpointError` naming every fingerprint field that differs.
 
     The parameter shapes are summarised (first differences only) so the message stays readable.
     """
     saved = checkpoint.get("fingerprint")
     if not isinstance(saved, Mapping):
-        raise IncompatibleCheckpointError(f"checkpoint {path}: has no fingerprint to compare with this run")
+        raise CheckpointError(f"checkpoint {path}: has no fingerprint to compare with this run")
     diffs = _differences(saved, fingerprint, "")
     if diffs:
         shown = diffs[:12]
         more = f"\n  ... and {len(diffs) - len(shown)} more" if len(diffs) > len(shown) else ""
-        raise IncompatibleCheckpointError(
+        raise CheckpointError(
             f"checkpoint {path} does not match this run ({len(diffs)} difference(s)); resume with the "
             f"settings it was written with, or start a fresh run (trainer.resume=false, or a new "
             f"hydra.run.dir):\n  " + "\n  ".join(shown) + more
         )
 
 
-def find_backbone_prefix(model: nn.Module, backbone: nn.Module) -> Optional[str]:
-    """The state-dict prefix under which ``backbone`` sits inside ``model`` (``""`` if equal)."""
-    for name, module in model.named_modules():
-        if module is backbone:
-            return f"{name}." if name else ""
-    return None
+def checkpoint_backbone(checkpoint: Mapping[str, Any], path: "str | Path" = "") -> dict[str, Any]:
+    """The backbone settings (``name``, ``in_chans``, ``timm_kwargs`` ...) a checkpoint was written with.
+
+    From the run's saved config when there is one (training checkpoints), else from the
+    architecture record (``save_learner`` files: name and input channels).
+    """
+    saved = dict((checkpoint.get("config") or {}).get("backbone") or {})
+    if saved.get("name"):
+        return saved
+    arch = dict(checkpoint.get("architecture") or {})
+    if arch.get("backbone"):
+        out: dict[str, Any] = {"name": str(arch["backbone"])}
+        if isinstance(arch.get("in_chans"), int):
+            out["in_chans"] = int(arch["in_chans"])
+        return out
+    raise CheckpointError(
+        f"checkpoint {path}: records neither the config of its run nor its backbone architecture, so the "
+        f"backbone to build is unknown; write it with medmeta.learners.save_learner or a training run"
+    )
 
 
-def backbone_state_dict(model_state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The backbone's entries of a learner state dict, with ``prefix`` removed."""
-    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+def restore_learner(
+    checkpoint: Mapping[str, Any], learner: nn.Module, backbone: nn.Module, mode: str, where: str = "learner",
+    source: str = "checkpoint",
+) -> None:
+    """Load a checkpoint into ``learner`` (``mode="learner"``: its whole state) or only into
+    ``backbone`` (``mode="backbone"``); errors name ``source`` and ``where`` and say what differs."""
+    from medmeta.learners.state import check_learner_fits
+
+    state = checkpoint.get("model")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source}: holds no learner weights ('model')")
+    if mode == "learner":
+        arch = dict(checkpoint.get("architecture") or {})
+        check_learner_fits({**checkpoint, "architecture": {k: v for k, v in arch.items() if k != "learner"}},
+                           learner, source)
+        try:
+            learner.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"{source}: its {arch.get('learner', 'learner')} weights do not fit {where}: {err}") from err
+        return
+    if mode != "backbone":
+        raise ValueError(f"restore_learner: mode must be 'learner' or 'backbone', got {mode!r}")
+    prefix = checkpoint.get("backbone_prefix")
+    if prefix is None:
+        raise CheckpointError(f"{source}: it does not record where its backbone weights are")
+    try:
+        backbone.load_state_dict(backbone_state_dict(state, prefix))
+    except RuntimeError as err:
+        raise CheckpointError(f"{source}: its backbone does not fit {where}: {err}") from err

@@ -1,15 +1,16 @@
-"""Build the pieces of an experiment from its config, validating everything at startup.
+"""Build the pieces of an experiment from its config groups, validating everything at startup.
 
-Each function turns one config group into library objects (meta-dataset, task lists,
-backbone, learner, samplers, optimiser, scheduler, protocol) and raises an error that names the
-config option and what was expected *before* any long work starts: a missing data root, a
-dataset id or task name that does not exist, a learner argument the learner does not take.
-Scripts can call these directly; the Hydra apps are thin wrappers around them.
+Each function turns one config group into library objects (data settings and meta-dataset,
+backbone, learner, samplers, optimiser, scheduler, protocol) and raises a
+:class:`~medmeta.errors.ConfigError` that names the config option and what was expected *before*
+any long work starts: a missing data root, a learner argument the learner does not take.
+Task selection lives in :func:`medmeta.data.meta_dataset.plan_tasks`; result tables in
+:mod:`medmeta.evaluation.reports`. Scripts can call these directly; the Hydra apps
+(:mod:`medmeta.training.run`) only wire them together.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -17,19 +18,17 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from medmeta.tasks import TaskTarget
+from medmeta.errors import ConfigError
 
 __all__ = [
-    "ConfigError",
-    "TaskPlan",
     "to_plain",
-    "open_meta_dataset",
     "resolve_normalize",
-    "ResizedMetaDataset",
-    "resolve_tasks",
+    "resolve_data_config",
+    "open_meta_dataset",
     "build_backbone",
     "build_learner",
     "learner_name",
+    "learner_class",
     "build_train_sampler",
     "build_val_sampler",
     "build_optimizer",
@@ -39,13 +38,7 @@ __all__ = [
 ]
 
 EMBEDDED_DATA = {"synthetic": "synthetic", "real_mini": "real"}
-"""Config name of an embedded data set -> its name in :mod:`medmeta.data.embedded`."""
-
-_LEARNER_ALIASES = {"mm_pt": "mmpt"}
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the option and what is expected."""
+"""Config name of an embedded data set -> its name in :mod:`medmeta.recipes.embedded`."""
 
 
 def to_plain(cfg: Any) -> Any:
@@ -74,52 +67,56 @@ def resolve_normalize(normalize: Optional[str], pretrained: Optional[str]) -> Op
     if not pretrained:
         return "official"
     from medmeta.backbones.pretrained import list_pretrained_sources, pretrained_normalization
-    from medmeta.data.medimeta import NORMALIZATIONS
+    from medmeta.data.transforms import NORMALIZATIONS
 
     if str(pretrained) in list_pretrained_sources():
         mean, std = pretrained_normalization(str(pretrained))
         for name, (m, s) in NORMALIZATIONS.items():
-            if np_close(mean, m) and np_close(std, s):
+            if _close(mean, m) and _close(std, s):
                 return name
         return "official"
     return "imagenet"
 
 
-def np_close(a: Sequence[float], b: Sequence[float]) -> bool:
+def _close(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-6 for x, y in zip(a, b))
 
 
-class ResizedMetaDataset:
-    """A meta-dataset whose sources all read images at one ``image_size`` (``data.image_size``).
+def resolve_data_config(data_cfg: Any, pretrained: Optional[str] = None) -> DictConfig:
+    """The ``data`` config with every image setting checked and ``normalize=auto`` resolved
+    against ``pretrained`` (``backbone.pretrained``): what the run reads its images with, computed
+    once and used for the meta-dataset and the checkpoint fingerprint alike."""
+    data = OmegaConf.create(to_plain(data_cfg) if OmegaConf.is_config(data_cfg) else dict(_plain_mapping(data_cfg)))
+    channels = data.get("channels")
+    if channels is not None and int(channels) not in (1, 3):
+        raise ConfigError(f"data.channels: expected null (as stored), 1 or 3, got {channels}")
+    normalize = resolve_normalize(data.get("normalize", "auto"), pretrained)
+    from medmeta.data.transforms import NORMALIZATIONS
 
-    Delegates everything else to the wrapped :class:`~medmeta.data.meta_dataset.MetaDataset`.
-    """
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise ConfigError(f"data.normalize: expected auto, null or one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
+    image_size = data.get("image_size")
+    if image_size is not None and int(image_size) < 1:
+        raise ConfigError(f"data.image_size: expected null (as stored) or a positive size, got {image_size}")
+    data.normalize = normalize
+    return data
 
-    def __init__(self, meta_dataset: Any, image_size: int) -> None:
-        self.meta_dataset = meta_dataset
-        self.image_size = int(image_size)
 
-    def source(self, dataset_id: str, task_name: str, split: Any = "train", **kwargs: Any) -> Any:
-        kwargs.setdefault("image_size", self.image_size)
-        return self.meta_dataset.source(dataset_id, task_name, split=split, **kwargs)
+def _plain_mapping(cfg: Any) -> Mapping[str, Any]:
+    if isinstance(cfg, Mapping):
+        return cfg
+    from dataclasses import asdict, is_dataclass
 
-    def held_out(self, target: str) -> "ResizedMetaDataset":
-        return ResizedMetaDataset(self.meta_dataset.held_out(target), self.image_size)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "meta_dataset":  # not set yet (e.g. during unpickling)
-            raise AttributeError(name)
-        return getattr(self.meta_dataset, name)
-
-    def __repr__(self) -> str:
-        return f"ResizedMetaDataset({self.meta_dataset!r}, image_size={self.image_size})"
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return asdict(cfg)
+    return dict(vars(cfg))
 
 
 def open_meta_dataset(data_cfg: Any, pretrained: Optional[str] = None) -> Any:
     """The meta-dataset a ``data`` config names (embedded copy, or a MedIMeta-format folder).
 
     ``data.channels`` / ``data.normalize`` / ``data.image_size`` set how every task reads its
-    images; ``pretrained`` (``backbone.pretrained``) resolves ``normalize=auto``.
+    images (:func:`resolve_data_config`; ``pretrained`` resolves ``normalize=auto``).
     """
     name = str(_get(data_cfg, "name"))
     if OmegaConf.is_config(data_cfg) and OmegaConf.is_missing(data_cfg, "root"):
@@ -132,22 +129,11 @@ def open_meta_dataset(data_cfg: Any, pretrained: Optional[str] = None) -> Any:
             f"sub-folder per dataset, each holding info.yaml); embedded data sets that need no root are "
             f"{sorted(EMBEDDED_DATA)}"
         )
-    channels = _get(data_cfg, "channels")
-    if channels is not None and int(channels) not in (1, 3):
-        raise ConfigError(f"data.channels: expected null (as stored), 1 or 3, got {channels}")
-    normalize = resolve_normalize(_get(data_cfg, "normalize", "auto"), pretrained)
-    from medmeta.data.medimeta import NORMALIZATIONS
-
-    if normalize is not None and normalize not in NORMALIZATIONS:
-        raise ConfigError(f"data.normalize: expected auto, null or one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
-    image_size = _get(data_cfg, "image_size")
-    if image_size is not None and int(image_size) < 1:
-        raise ConfigError(f"data.image_size: expected null (as stored) or a positive size, got {image_size}")
-
+    data = resolve_data_config(data_cfg, pretrained)
     from medmeta.data.meta_dataset import MetaDataset
 
     if root is None:
-        from medmeta.data.embedded import open_default
+        from medmeta.recipes import open_default
 
         try:
             path = Path(open_default(EMBEDDED_DATA[name]).root)
@@ -159,147 +145,19 @@ def open_meta_dataset(data_cfg: Any, pretrained: Optional[str] = None) -> Any:
             raise ConfigError(f"data.root={root}: the folder does not exist (expected a MedIMeta-format data root)")
         if not path.is_dir():
             raise ConfigError(f"data.root={root}: not a folder (expected a MedIMeta-format data root)")
+    channels, image_size = data.get("channels"), data.get("image_size")
     try:
-        meta = MetaDataset(path, channels=None if channels is None else int(channels), normalize=normalize)
+        meta = MetaDataset(
+            path,
+            channels=None if channels is None else int(channels),
+            normalize=data.normalize,
+            image_size=None if image_size is None else int(image_size),
+        )
         if not list(meta.tasks):
             raise ValueError("no dataset with an info.yaml was found")
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise ConfigError(f"data.root={path}: cannot be read as a MedIMeta-format meta-dataset: {err}") from err
-    return meta if image_size is None else ResizedMetaDataset(meta, int(image_size))
-
-
-@dataclass
-class TaskPlan:
-    """The ``(dataset_id, task_name)`` pairs of each phase, and what the target left out."""
-
-    train: list[tuple[str, str]]
-    val: list[tuple[str, str]]
-    test: list[tuple[str, str]]
-    left_out: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "train": [f"{d}/{t}" for d, t in self.train],
-            "val": [f"{d}/{t}" for d, t in self.val],
-            "test": [f"{d}/{t}" for d, t in self.test],
-            "left_out_datasets": list(self.left_out),
-        }
-
-
-def _entry_target(entry: Any) -> TaskTarget:
-    return TaskTarget.parse(getattr(entry, "target"))
-
-
-def _classification(entry: Any) -> bool:
-    from medmeta.episodes.labels import SUPPORTED_TARGETS
-
-    return _entry_target(entry) in SUPPORTED_TARGETS
-
-
-def _select(entries: Sequence[Any], sel: Any, where: str, all_entries: Sequence[Any]) -> list[tuple[str, str]]:
-    """Apply one :class:`~medmeta.config.TaskSelection` to task entries, validating every name."""
-    known_ids = sorted({e.dataset_id for e in all_entries})
-    known_domains = sorted({str(e.domain) for e in all_entries})
-    known_tasks = {(e.dataset_id, e.task_name) for e in all_entries}
-
-    def names(key: str) -> Optional[list[str]]:
-        value = to_plain(_get(sel, key))
-        if value is None:
-            return None
-        if isinstance(value, str):
-            value = [value]
-        return [str(v) for v in value]
-
-    ids, domains, targets, tasks = names("dataset_ids"), names("domains"), names("targets"), names("tasks")
-    exclude = names("exclude") or []
-    for i in ids or []:
-        if i not in known_ids:
-            raise ConfigError(f"{where}.dataset_ids: unknown dataset id {i!r}; the meta-dataset has {known_ids}")
-    for d in domains or []:
-        if d not in known_domains:
-            raise ConfigError(f"{where}.domains: unknown domain {d!r}; the meta-dataset has {known_domains}")
-    parsed_targets = None
-    if targets is not None:
-        parsed_targets = {TaskTarget.parse(t, where=f"{where}.targets") for t in targets}
-
-    def parse_task(text: str, key: str) -> tuple[str, str]:
-        if "/" not in text:
-            raise ConfigError(f"{where}.{key}: {text!r} should be 'dataset_id/task_name'")
-        ds, name = text.split("/", 1)
-        if ds not in known_ids:
-            raise ConfigError(f"{where}.{key}: unknown dataset id {ds!r} in {text!r}; the meta-dataset has {known_ids}")
-        if (ds, name) not in known_tasks:
-            have = sorted(t for d, t in known_tasks if d == ds)
-            raise ConfigError(f"{where}.{key}: dataset {ds!r} has no task {name!r}; its tasks are {have}")
-        return ds, name
-
-    explicit = None if tasks is None else [parse_task(t, "tasks") for t in tasks]
-    excluded_ids, excluded_tasks = set(), set()
-    for item in exclude:
-        if "/" in item:
-            excluded_tasks.add(parse_task(item, "exclude"))
-        elif item in known_ids:
-            excluded_ids.add(item)
-        else:
-            raise ConfigError(
-                f"{where}.exclude: {item!r} is neither a dataset id nor 'dataset_id/task_name'; dataset ids are {known_ids}"
-            )
-    out = []
-    for e in entries:
-        key = (e.dataset_id, e.task_name)
-        if explicit is not None and key not in explicit:
-            continue
-        if ids is not None and e.dataset_id not in ids:
-            continue
-        if domains is not None and str(e.domain) not in domains:
-            continue
-        if parsed_targets is not None and _entry_target(e) not in parsed_targets:
-            continue
-        if e.dataset_id in excluded_ids or key in excluded_tasks:
-            continue
-        if not _classification(e):
-            if explicit is not None:
-                raise ConfigError(
-                    f"{where}.tasks: {e.dataset_id}/{e.task_name} has target {_entry_target(e).value}, "
-                    f"which few-shot classification cannot use"
-                )
-            continue
-        out.append(key)
-    return out
-
-
-def resolve_tasks(meta_dataset: Any, data_cfg: Any, need: Sequence[str] = ("train", "val", "test")) -> TaskPlan:
-    """Train / val / test task lists of a ``data`` config (see :class:`~medmeta.config.DataConfig`).
-
-    With ``data.target`` set, train and val leave out the target and its overlapping datasets
-    (``meta_dataset.held_out(target)``) and test defaults to the target's tasks. Every phase in
-    ``need`` must end up with at least one task.
-    """
-    entries = list(meta_dataset.tasks)
-    target = _get(data_cfg, "target")
-    left_out: list[str] = []
-    pool = entries
-    test_pool = entries
-    if target is not None:
-        known_ids = sorted({e.dataset_id for e in entries})
-        if target not in known_ids:
-            raise ConfigError(f"data.target: unknown dataset id {target!r}; the meta-dataset has {known_ids}")
-        kept = meta_dataset.held_out(target)
-        kept_keys = {(e.dataset_id, e.task_name) for e in kept.tasks}
-        pool = [e for e in entries if (e.dataset_id, e.task_name) in kept_keys]
-        left_out = sorted({e.dataset_id for e in entries} - {e.dataset_id for e in pool})
-        test_pool = [e for e in entries if e.dataset_id == target]
-    plan = TaskPlan(
-        train=_select(pool, _get(data_cfg, "train"), "data.train", entries),
-        val=_select(pool, _get(data_cfg, "val"), "data.val", entries),
-        test=_select(test_pool, _get(data_cfg, "test"), "data.test", entries),
-        left_out=left_out,
-    )
-    for phase in need:
-        if not getattr(plan, phase):
-            extra = f" (target {target!r} leaves out {left_out})" if target is not None else ""
-            raise ConfigError(f"data.{phase}: the selection matches no classification task{extra}")
-    return plan
+    return meta
 
 
 # models ----------------------------------------------------------------------------------------
@@ -347,34 +205,46 @@ def build_backbone(backbone_cfg: Any) -> nn.Module:
         raise ConfigError(f"backbone.pretrained={pretrained}: {err}") from err
     except (ValueError, TypeError) as err:
         raise ConfigError(f"backbone (name={name}, pretrained={pretrained}): {err}") from err
-    backbone.weights_origin = origin
+    setattr(backbone, "weights_origin", origin)  # recorded by the runs (see docstring)
     return backbone
 
 
 def learner_name(learner_cfg: Any) -> str:
-    """The registry name of a learner config (``mm_pt`` -> ``mmpt``)."""
-    name = str(_get(learner_cfg, "name")).strip().lower().replace("-", "_")
-    return _LEARNER_ALIASES.get(name, name)
+    """The registry name of a learner config (``name`` normalised: ``Proto-MAML`` -> ``proto_maml``)."""
+    from medmeta.registry import normalize_name
+
+    return normalize_name(str(_get(learner_cfg, "name")))
+
+
+def learner_class(learner_cfg: Any, where: str = "learner") -> Any:
+    """The registered class (or factory) of a learner config; an unknown name lists the known ones."""
+    from medmeta.learners.registry import LEARNERS
+
+    name = learner_name(learner_cfg)
+    if name not in LEARNERS:
+        raise ConfigError(f"{where}.name: unknown learner {name!r}; known learners: {LEARNERS.names()}")
+    return LEARNERS.get(name)
 
 
 def build_learner(learner_cfg: Any, backbone: nn.Module, tasks: Optional[Sequence[Any]] = None, where: str = "learner") -> Any:
     """:func:`medmeta.learners.create_learner` from a learner config; ``tasks`` (task
-    descriptions) are passed to learners that take them (mm-PT)."""
-    from medmeta.learners import create_learner, list_learners
+    descriptions) are passed to learners whose constructor takes them (mm-PT)."""
+    import inspect
 
     from medmeta.config import learner_kwargs
+    from medmeta.learners import create_learner
 
     name = learner_name(learner_cfg)
+    factory = learner_class(learner_cfg, where)
     kwargs = learner_kwargs(learner_cfg)
-    if name == "mmpt":
+    if "tasks" in inspect.signature(factory).parameters:
         if tasks is None:
-            raise ConfigError(f"{where}=mm_pt needs the training tasks (it is trained by experiments/train.py)")
+            raise ConfigError(f"{where}={name} needs the training tasks (it is trained by experiments/train.py)")
         kwargs["tasks"] = list(tasks)
     try:
         return create_learner(name, backbone, **kwargs)
     except (TypeError, ValueError) as err:
-        known = list_learners()
-        raise ConfigError(f"{where} (name={name}): {err}" + ("" if name in known else f"; known learners: {known}")) from err
+        raise ConfigError(f"{where} (name={name}): {err}") from err
 
 
 # episodes -------------------------------------------------------------------------------------
@@ -476,17 +346,13 @@ def build_scheduler(trainer_cfg: Any, optimizer: torch.optim.Optimizer) -> torch
 
 # evaluation -----------------------------------------------------------------------------------
 def build_protocol(protocol_cfg: Any) -> Any:
-    """:class:`medmeta.evaluation.protocols.ProtocolConfig` from a ``protocol`` config."""
+    """:class:`medmeta.evaluation.protocols.ProtocolConfig` from a ``protocol`` config (the
+    composed config already has its schema; this makes the validated runtime object)."""
     from medmeta.evaluation.protocols import ProtocolConfig
 
-    data = dict(to_plain(protocol_cfg))
-    known = {f.name for f in fields(ProtocolConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"protocol: unknown option(s) {unknown}; ProtocolConfig takes {sorted(known)}")
-    data["shots"] = tuple(data.get("shots", ()))
-    data["metrics"] = tuple(data.get("metrics", ()))
+    if isinstance(protocol_cfg, ProtocolConfig):
+        return protocol_cfg
     try:
-        return ProtocolConfig(**data)
-    except ValueError as err:
+        return ProtocolConfig(**dict(to_plain(protocol_cfg)))
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"protocol: {err}") from err

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from medmeta.errors import ConfigError
+
 __all__ = [
     "DistributedContext",
     "init_distributed",
@@ -120,7 +122,6 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     """
     _export_submitit_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
@@ -130,12 +131,12 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend not in ("nccl", "gloo"):
-        raise ValueError(f"trainer.dist_backend: expected auto, nccl or gloo, got {backend!r}")
+        raise ConfigError(f"trainer.dist_backend: expected auto, nccl or gloo, got {backend!r}")
     if backend == "nccl" and dev.type != "cuda":
-        raise ValueError("trainer.dist_backend=nccl needs CUDA devices; use gloo (or auto) on CPU")
+        raise ConfigError("trainer.dist_backend=nccl needs CUDA devices; use gloo (or auto) on CPU")
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise RuntimeError(
+            raise ConfigError(
                 f"WORLD_SIZE={world_size} but {var} is not set; start distributed runs with torchrun "
                 f"(see docs/distributed.md)"
             )

@@ -8,11 +8,15 @@ exactly, metric logging and a progress bar (rank 0 only). What a step and a vali
 
 * :class:`EpisodicObjective`: a meta-batch of episodes from an
   :class:`~medmeta.episodes.EpisodeStream` sharded by rank (global episode ``k`` goes to rank
-  ``k % world_size``). Every episode's loss is computed under its own torch seed (derived from
-  the run seed and the episode number) and scaled by ``1 / meta_batch_size``, and gradients
-  are accumulated episode by episode: the summed gradient over ranks equals one process's
-  gradient on the same meta-batch, any stochastic learner behaves the same on any rank, and
-  only one episode's graph is alive at a time.
+  ``k % world_size``). The learner gets this rank's whole share of the meta-batch in one
+  :meth:`~medmeta.learners.base.Learner.meta_backward` call with ``scale = 1 / meta_batch_size``
+  (global), so the summed gradient over ranks equals one process's gradient on the same
+  meta-batch, and the learner chooses how to spend memory: MAML with ``vmap=True`` batches the
+  tasks, others accumulate task by task with one graph alive at a time. The call runs under a
+  torch seed derived from the run seed and the rank's first episode number of the step (so a
+  resumed run is bit-identical); learners that go task by task enter a per-episode seed (run
+  seed, episode number) around each task, so a stochastic learner (dropout) draws the same
+  numbers for an episode on any rank.
 * :class:`PretrainObjective`: mixed-task batches (:class:`~medmeta.learners.MixedBatchSampler`),
   each rank taking every ``world_size``-th example of the global batch.
 
@@ -27,15 +31,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from medmeta.errors import CheckpointError, ConfigError
+from medmeta.learners.base import Learner
+from medmeta.learners.state import learner_checkpoint
+from medmeta.tasks import Episode
 from medmeta.training.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
     atomic_torch_save,
     backbone_state_dict,
     capture_rng_state,
@@ -54,7 +60,10 @@ from medmeta.training.distributed import (
 from medmeta.training.early_stopping import EarlyStopping
 from medmeta.training.loggers import MetricLogger
 
-__all__ = ["TrainingLoop", "TrainResult", "EpisodicObjective", "PretrainObjective", "episode_seed"]
+if TYPE_CHECKING:
+    from medmeta.learners.pretrain import MultiTaskPretrainer
+
+__all__ = ["TrainingLoop", "TrainResult", "Objective", "EpisodicObjective", "PretrainObjective", "episode_seed"]
 
 
 def episode_seed(seed: int, *parts: Any) -> int:
@@ -81,11 +90,34 @@ class _SeededRNG:
 
 
 # objectives -----------------------------------------------------------------------------------
+class Objective(Protocol):
+    """What :class:`TrainingLoop` needs from a kind of training: a step, a validation round and
+    the position of its data stream (saved in every checkpoint, so a resumed run sees the same data)."""
+
+    kind: str
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Accumulate this rank's gradient of one step; returns ``{"loss_sum", "count"}``."""
+        ...
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics (all ranks take part); ``{}`` when there is nothing to validate."""
+        ...
+
+
 class EpisodicObjective:
-    """Meta-training on episodes: ``learner.meta_loss([episode])`` per episode.
+    """Meta-training on episodes: ``learner.meta_backward(episodes, scale)`` per step.
 
     Args:
-        learner: a :class:`~medmeta.learners.base.Learner` with ``meta_loss``.
+        learner: an episodic :class:`~medmeta.learners.base.Learner` (``training_kind == "episodic"``).
         sampler: the training sampler (``.sample(k)``), e.g. a MultiDomainSampler.
         sources: where images are read (the meta-dataset).
         meta_batch_size: episodes per step, over all ranks (a multiple of the world size).
@@ -100,7 +132,7 @@ class EpisodicObjective:
 
     def __init__(
         self,
-        learner: nn.Module,
+        learner: Learner,
         sampler: Any,
         sources: Any,
         meta_batch_size: int,
@@ -113,10 +145,14 @@ class EpisodicObjective:
     ) -> None:
         from medmeta.episodes import EpisodeStream
 
+        if learner.training_kind != "episodic":
+            raise ConfigError(
+                f"{type(learner).__name__} is not trained on episodes (training_kind={learner.training_kind!r})"
+            )
         if meta_batch_size < 1:
-            raise ValueError(f"trainer.meta_batch_size: expected >= 1, got {meta_batch_size}")
+            raise ConfigError(f"trainer.meta_batch_size: expected >= 1, got {meta_batch_size}")
         if meta_batch_size % ctx.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.meta_batch_size={meta_batch_size} is not a multiple of the world size "
                 f"{ctx.world_size}: every rank must take the same number of episodes per step"
             )
@@ -132,7 +168,7 @@ class EpisodicObjective:
         self.val_specs = list(val_specs)
         self.val_sources = val_sources if val_sources is not None else sources
         self.val_metrics = tuple(val_metrics)
-        self._iterator: Optional[Iterator[list[Any]]] = None
+        self._iterator: Optional[Iterator[list[Episode]]] = None
 
     # data position
     def state_dict(self) -> dict[str, Any]:
@@ -140,7 +176,7 @@ class EpisodicObjective:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("kind") != self.kind:
-            raise ValueError(f"checkpoint data state is for {state.get('kind')!r} training, not {self.kind!r}")
+            raise CheckpointError(f"checkpoint data state is for {state.get('kind')!r} training, not {self.kind!r}")
         self.stream.load_state_dict(dict(state["stream"]))
         self._iterator = None
 
@@ -166,7 +202,7 @@ class EpisodicObjective:
     def close(self) -> None:
         self._iterator = None
 
-    def _next_batch(self) -> list[Any]:
+    def _next_batch(self) -> list[Episode]:
         if self._iterator is None:
             self.start()
         assert self._iterator is not None
@@ -176,22 +212,24 @@ class EpisodicObjective:
 
     def train_step(self, step: int) -> dict[str, float]:
         """Accumulate this rank's meta-gradient for one step; returns loss sums for logging."""
-        episodes = self._next_batch()
         device = self.ctx.device
-        loss_sum = 0.0
-        for episode in episodes:
-            number = int(episode.info["episode"])
-            with _SeededRNG(episode_seed(self.seed, "train-episode", number), device):
-                loss = self.learner.meta_loss([episode.to(device, non_blocking=True)])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"step {step}: the meta-loss of episode {number} "
-                        f"({episode.info.get('dataset_id')}/{episode.info.get('task_name')}) is {float(loss)}; "
-                        f"lower trainer.lr or the learner's inner_lr"
-                    )
-                (loss / self.meta_batch_size).backward()
-            loss_sum += float(loss.detach())
-        return {"loss_sum": loss_sum, "count": float(len(episodes))}
+        episodes = [episode.to(device, non_blocking=True) for episode in self._next_batch()]
+        numbers = [int(episode.info["episode"]) for episode in episodes]
+
+        def episode_scope(episode: Episode) -> _SeededRNG:
+            return _SeededRNG(episode_seed(self.seed, "train-episode", int(episode.info["episode"])), device)
+
+        with _SeededRNG(episode_seed(self.seed, "train-step", numbers[0]), device):
+            loss = self.learner.meta_backward(episodes, scale=1.0 / self.meta_batch_size, episode_scope=episode_scope)
+        if not torch.isfinite(loss):
+            named = ", ".join(
+                f"{n} ({e.info.get('dataset_id')}/{e.info.get('task_name')})" for n, e in zip(numbers, episodes)
+            )
+            raise FloatingPointError(
+                f"step {step}: the meta-loss of episode(s) {named} is {float(loss)}; "
+                f"lower trainer.lr or the learner's inner_lr"
+            )
+        return {"loss_sum": float(loss) * len(episodes), "count": float(len(episodes))}
 
     def validate(self) -> dict[str, float]:
         """Mean metrics over the fixed validation episodes (sharded by rank, summed across)."""
@@ -247,7 +285,7 @@ class PretrainObjective:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: MultiTaskPretrainer,
         batch_sampler: Any,
         ctx: DistributedContext,
         seed: int,
@@ -266,7 +304,7 @@ class PretrainObjective:
         self.val_max_items = int(val_max_items)
         self.val_batch_size = int(val_batch_size)
         if self.val_max_items < 1:
-            raise ValueError(f"val_max_items: expected >= 1, got {val_max_items}")
+            raise ConfigError(f"val_max_items: expected >= 1, got {val_max_items}")
         self._val_positions = [self._val_subset(i, s) for i, s in self.val_heads]
 
     def _val_subset(self, index: int, source: Any) -> np.ndarray:
@@ -281,7 +319,7 @@ class PretrainObjective:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("kind") != self.kind:
-            raise ValueError(f"checkpoint data state is for {state.get('kind')!r} training, not {self.kind!r}")
+            raise CheckpointError(f"checkpoint data state is for {state.get('kind')!r} training, not {self.kind!r}")
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch"])
         self._epoch_pairs = None
 
@@ -367,7 +405,7 @@ class TrainingLoop:
 
     Args:
         model: the module whose parameters are trained and checkpointed (the learner).
-        objective: :class:`EpisodicObjective` or :class:`PretrainObjective`.
+        objective: an :class:`Objective`: :class:`EpisodicObjective`, :class:`PretrainObjective`, or an adapter's.
         optimizer, scheduler: from :mod:`medmeta.training.components`.
         trainer_cfg: the ``trainer`` config (steps, val_every, patience, checkpoint_every ...).
         ctx: distributed context (rank 0 writes, logs and shows progress).
@@ -381,7 +419,7 @@ class TrainingLoop:
     def __init__(
         self,
         model: nn.Module,
-        objective: Any,
+        objective: Objective,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         trainer_cfg: Any,
@@ -403,7 +441,8 @@ class TrainingLoop:
         self.logger = logger
         self.fingerprint = dict(fingerprint or {})
         self.config = dict(config or {})
-        self.backbone_prefix = find_backbone_prefix(model, backbone) if backbone is not None else None
+        self.backbone = backbone
+        self.backbone_prefix = find_backbone_prefix(model, backbone)
         self.step = 0
         self.early = EarlyStopping(
             patience=getattr(trainer_cfg, "patience", None),
@@ -418,7 +457,7 @@ class TrainingLoop:
         for name in ("steps", "val_every", "checkpoint_every", "log_every"):
             value = int(getattr(trainer_cfg, name))
             if value < (0 if name == "steps" else 1):
-                raise ValueError(f"trainer.{name}: expected {'>= 0' if name == 'steps' else '>= 1'}, got {value}")
+                raise ConfigError(f"trainer.{name}: expected {'>= 0' if name == 'steps' else '>= 1'}, got {value}")
 
     # checkpoints ------------------------------------------------------------------------
     @property
@@ -430,24 +469,20 @@ class TrainingLoop:
         return self.ckpt_dir / "best.pt"
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to continue exactly (tensors and plain types only)."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "step": int(self.step),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "early_stopping": self.early.state_dict(),
-            "stopped_early": bool(self.stopped_early),
-            "data": self.objective.state_dict(),
-            "rng": capture_rng_state(),
-            "fingerprint": self.fingerprint,
-            "backbone_prefix": self.backbone_prefix,
-            "config": self.config,
-            "world_size": int(self.ctx.world_size),
-            "validated_at": -1 if self._validated_at is None else int(self._validated_at),
-        }
+        """The learner's checkpoint plus everything needed to continue exactly (tensors and plain types only)."""
+        state = learner_checkpoint(self.model, self.optimizer, self.scheduler, config=self.config, backbone=self.backbone)
+        state.update(
+            backbone_prefix=self.backbone_prefix,  # None without a backbone: no best_backbone.pt
+            step=int(self.step),
+            early_stopping=self.early.state_dict(),
+            stopped_early=bool(self.stopped_early),
+            data=self.objective.state_dict(),
+            rng=capture_rng_state(),
+            fingerprint=self.fingerprint,
+            world_size=int(self.ctx.world_size),
+            validated_at=-1 if self._validated_at is None else int(self._validated_at),
+        )
+        return state
 
     def save(self, path: Path, state: Optional[dict[str, Any]] = None) -> Path:
         """Write a checkpoint atomically (rank 0 only; other ranks return at once)."""
@@ -472,7 +507,7 @@ class TrainingLoop:
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as err:
-            raise ValueError(f"checkpoint {path}: the model weights do not fit this learner: {err}") from err
+            raise CheckpointError(f"checkpoint {path}: the model weights do not fit this learner: {err}") from err
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -499,7 +534,7 @@ class TrainingLoop:
             return None
         monitor = str(getattr(self.cfg, "monitor", "val/auroc"))
         if monitor not in metrics:
-            raise ValueError(f"trainer.monitor={monitor!r} is not a validation metric; validation gives {sorted(metrics)}")
+            raise ConfigError(f"trainer.monitor={monitor!r} is not a validation metric; validation gives {sorted(metrics)}")
         value = float(metrics[monitor])
         improved = self.early.update(value, self.step)
         self._log({**metrics, f"{monitor}_best": self.early.best if self.early.best is not None else float("nan")}, self.step)

@@ -4,8 +4,11 @@ Both take a composed config (a Hydra ``DictConfig`` or the dataclasses of
 :mod:`medmeta.config`), validate everything that can be checked cheaply (data root, task
 names, learner arguments, episode feasibility, logger backends, a checkpoint to resume)
 before any training or evaluation starts, write their outputs into the run folder and print
-a result table. ``experiments/train.py`` / ``evaluate.py`` and the console commands only call
-them.
+a result table. ``run_training`` refuses a learner that cannot train (``training_kind`` None)
+before it opens any data, and trains the others by their ``training_kind`` (episodic
+meta-training or multi-task pre-training). They only wire together the parts that
+:mod:`medmeta.training.components` builds from the config groups. ``experiments/train.py`` /
+``evaluate.py`` and the console commands only call them.
 
 Run folder of ``run_training``::
 
@@ -35,8 +38,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import medmeta.config  # noqa: F401  (registers the structured configs, for compose() users)
+from medmeta.data.meta_dataset import TaskPlan, plan_tasks
+from medmeta.errors import ConfigError
+from medmeta.evaluation.reports import protocol_summary, results_table
 from medmeta.training.components import (
-    ConfigError,
     build_backbone,
     build_learner,
     build_optimizer,
@@ -44,9 +49,10 @@ from medmeta.training.components import (
     build_scheduler,
     build_train_sampler,
     build_val_sampler,
+    learner_class,
     learner_name,
     open_meta_dataset,
-    resolve_tasks,
+    resolve_data_config,
     to_plain,
 )
 
@@ -55,7 +61,6 @@ __all__ = [
     "run_evaluation",
     "resolve_run_dir",
     "seed_everything",
-    "results_table",
     "write_json_atomic",
     "training_fingerprint",
     "find_resume_checkpoint",
@@ -140,8 +145,12 @@ def _learner_tasks(meta_dataset: Any, tasks: Sequence[tuple[str, str]], split: s
     return [meta_dataset.source(d, t, split=split) for d, t in tasks]
 
 
-def training_fingerprint(cfg: DictConfig, model: torch.nn.Module, plan: Any) -> dict[str, Any]:
-    """What a checkpoint must share with a run to be resumed by it (see ``check_compatible``)."""
+def training_fingerprint(cfg: DictConfig, model: torch.nn.Module, plan: TaskPlan,
+                         data: Optional[DictConfig] = None) -> dict[str, Any]:
+    """What a checkpoint must share with a run to be resumed by it (see ``check_compatible``).
+
+    ``data``: the run's resolved data settings (:func:`resolve_data_config`; default: resolved
+    from ``cfg``)."""
     from medmeta.training.checkpoint import model_fingerprint
 
     t = cfg.trainer
@@ -153,17 +162,11 @@ def training_fingerprint(cfg: DictConfig, model: torch.nn.Module, plan: Any) -> 
     if str(t.scheduler) != "none":
         trainer["steps"] = int(t.steps)  # the schedule depends on the total
     backbone = {k: to_plain(cfg.backbone[k]) for k in ("name", "in_chans", "timm_kwargs")}
-    from medmeta.training.components import resolve_normalize
-
-    data = {
-        "name": str(cfg.data.name),
-        "channels": to_plain(cfg.data.get("channels")),
-        "normalize": resolve_normalize(cfg.data.get("normalize", "auto"), cfg.backbone.get("pretrained")),
-        "image_size": to_plain(cfg.data.get("image_size")),
-    }
+    if data is None:
+        data = resolve_data_config(cfg.data, cfg.backbone.get("pretrained"))
     return {
         "learner": to_plain(cfg.learner),
-        "data": data,
+        "data": {k: to_plain(data.get(k)) for k in ("name", "channels", "normalize", "image_size")},
         "backbone": backbone,
         "sampler": to_plain(cfg.sampler),
         "trainer": trainer,
@@ -200,68 +203,6 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     return last if last.is_file() else None
 
 
-def _scale(protocol: Any, metric: str) -> float:
-    return float(dict(getattr(protocol, "report_scale", {}) or {}).get(metric, 1.0))
-
-
-def results_table(df: pd.DataFrame, protocol: Any) -> str:
-    """A plain-text table of the primary metric: one row per task, one column per method
-    (mean ± 95% CI over episodes and shots, scaled as the protocol reports), then the mean
-    over tasks and, with two or more methods, the mean rank (rank then aggregate)."""
-    from medmeta.evaluation.metrics import mean_ci
-    from medmeta.evaluation.ranking import rank_then_aggregate
-
-    metric = protocol.primary_metric
-    scale = _scale(protocol, metric)
-    methods = list(dict.fromkeys(df["method"]))
-    tasks = list(dict.fromkeys(zip(df["dataset"], df["task"])))
-    header = ["task"] + methods
-    rows: list[list[str]] = []
-    per_task_means: dict[str, list[float]] = {m: [] for m in methods}
-    for dataset, task in tasks:
-        row = [f"{dataset}/{task}"]
-        for m in methods:
-            sub = df[(df["dataset"] == dataset) & (df["task"] == task) & (df["method"] == m)]
-            # the task score averages shots first (L2L); the CI is over all its episodes
-            per_shot = sub.groupby("shots")[metric].mean() if "shots" in sub else sub[metric]
-            ci = mean_ci(sub[metric])
-            value = float(per_shot.mean()) if len(per_shot) else float("nan")
-            per_task_means[m].append(value)
-            row.append("n/a" if np.isnan(value) else f"{value * scale:.2f} ± {ci.half_width * scale:.2f}")
-        rows.append(row)
-    rows.append(["mean over tasks"] + [f"{np.nanmean(per_task_means[m]) * scale:.2f}" for m in methods])
-    if len(methods) > 1:
-        try:
-            ranks = rank_then_aggregate(df, score=metric, higher_is_better=protocol.higher_is_better)
-            by = dict(zip(ranks["method"], ranks["mean_rank"]))
-            rows.append(["mean rank"] + [f"{by.get(m, float('nan')):.2f}" for m in methods])
-        except ValueError as err:  # e.g. a metric undefined on some task
-            log.warning("rank then aggregate not available: %s", err)
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    title = f"{protocol.name}: {metric}" + (f" x{scale:g}" if scale != 1 else "") + " (mean ± 95% CI)"
-    sep = "-" * len(line(header))
-    return "\n".join([title, sep, line(header), sep, *[line(r) for r in rows[:-2 if len(methods) > 1 else -1]], sep,
-                      *[line(r) for r in rows[-2 if len(methods) > 1 else -1:]]])
-
-
-def _summary(df: pd.DataFrame, protocol: Any) -> dict[str, Any]:
-    metric = protocol.primary_metric
-    scale = _scale(protocol, metric)
-    out: dict[str, Any] = {"protocol": protocol.name, "metric": metric, "scale": scale, "methods": {}}
-    for method, sub in df.groupby("method", sort=False):
-        tasks = {}
-        for (dataset, task), g in sub.groupby(["dataset", "task"], sort=True):
-            tasks[f"{dataset}/{task}"] = float(g.groupby("shots")[metric].mean().mean()) * scale
-        values = [v for v in tasks.values() if not np.isnan(v)]
-        out["methods"][str(method)] = {
-            "mean_over_tasks": float(np.mean(values)) if values else float("nan"),
-            "tasks": tasks,
-            "episodes": int(len(sub)),
-        }
-    return out
-
-
 def _check_protocol_feasible(meta_dataset: Any, tasks: Sequence[tuple[str, str]], protocol: Any) -> None:
     """Sample (labels only) the protocol's episodes of every test task now, so that a task with
     too few images fails before training rather than after it."""
@@ -291,6 +232,17 @@ def _mixed_sampling(weighting: str) -> str:
     )
 
 
+def _training_kind(cfg: DictConfig) -> Optional[str]:
+    """How ``cfg.learner`` trains (its ``training_kind``); a learner that cannot train is refused
+    with a one-line fix unless ``trainer.steps=0`` (a run that only tests it, e.g. IM-PT)."""
+    from medmeta.learners.base import check_trainable
+
+    factory = learner_class(cfg.learner)
+    if int(cfg.trainer.steps) == 0:
+        return getattr(factory, "training_kind", None)
+    return check_trainable(factory, learner_name(cfg.learner))
+
+
 # training ---------------------------------------------------------------------------------------
 def run_training(cfg: Any) -> dict[str, Any]:
     """Meta-train (episodic learners) or pre-train (``mm_pt``), then test the best checkpoint.
@@ -304,6 +256,9 @@ def run_training(cfg: Any) -> dict[str, Any]:
     cfg = _as_config(cfg)
     _check_common(cfg)
     _check_trainer(cfg)
+    kind = _training_kind(cfg)  # refuses a learner it cannot train before any work
+    data = resolve_data_config(cfg.data, cfg.backbone.pretrained)
+    protocol = build_protocol(cfg.protocol) if cfg.trainer.test else None
     ctx = init_distributed(str(cfg.trainer.device), str(cfg.trainer.dist_backend))
     logger = None
     try:
@@ -316,15 +271,14 @@ def run_training(cfg: Any) -> dict[str, Any]:
             )
         seed = int(cfg.trainer.seed)
         seed_everything(seed)
-        meta_dataset = open_meta_dataset(cfg.data, cfg.backbone.pretrained)
+        meta_dataset = open_meta_dataset(data)
         need = ["train"] + (["test"] if cfg.trainer.test else [])
-        plan = resolve_tasks(meta_dataset, cfg.data, need=need)
+        plan = plan_tasks(meta_dataset, data.train, data.val, data.test, target=data.target, need=need)
         name = learner_name(cfg.learner)
-        pretraining = name == "mmpt"
-        protocol = build_protocol(cfg.protocol) if cfg.trainer.test else None
+        pretraining = kind == "pretraining"
 
         backbone = build_backbone(cfg.backbone)
-        train_sources = _learner_tasks(meta_dataset, plan.train, "train") if pretraining else None
+        train_sources = _learner_tasks(meta_dataset, plan.train, "train") if pretraining else []
         learner = build_learner(
             cfg.learner, backbone, tasks=[s.description for s in train_sources] if pretraining else None
         )
@@ -333,7 +287,10 @@ def run_training(cfg: Any) -> dict[str, Any]:
             build_learner(test_learner_cfg, copy.deepcopy(backbone), where="test_learner")
         learner.to(ctx.device)
 
-        if pretraining:
+        objective: "PretrainObjective | EpisodicObjective | None" = None
+        if kind is None:  # trainer.steps=0 (IM-PT, linear probe): nothing to train, the learner is only tested
+            pass
+        elif pretraining:
             from medmeta.learners import MixedBatchSampler
 
             batch_sampler = MixedBatchSampler(
@@ -342,7 +299,7 @@ def run_training(cfg: Any) -> dict[str, Any]:
                 seed=seed,
                 sampling=_mixed_sampling(str(cfg.sampler.weighting)),
             )
-            val_split = str(cfg.data.val.split)
+            val_split = str(data.val.split)
             val_keys = set(plan.val)
             val_heads = [(i, meta_dataset.source(d, t, split=val_split)) for i, (d, t) in enumerate(plan.train) if (d, t) in val_keys]
             if not val_heads and int(cfg.trainer.val_episodes) > 0:
@@ -352,12 +309,10 @@ def run_training(cfg: Any) -> dict[str, Any]:
                 val_max_items=int(cfg.trainer.val_max_items),
             )
         else:
-            if not hasattr(learner, "meta_loss"):
-                raise ConfigError(f"learner={name} cannot be meta-trained")
             sampler = build_train_sampler(meta_dataset, plan.train, cfg.sampler, seed)
             val_specs: list[Any] = []
             if plan.val and int(cfg.trainer.val_episodes) > 0:
-                val_sampler = build_val_sampler(meta_dataset, plan.val, cfg.sampler, seed, split=str(cfg.data.val.split))
+                val_sampler = build_val_sampler(meta_dataset, plan.val, cfg.sampler, seed, split=str(data.val.split))
                 val_specs = val_sampler.specs(int(cfg.trainer.val_episodes))
             objective = EpisodicObjective(
                 learner,
@@ -372,19 +327,21 @@ def run_training(cfg: Any) -> dict[str, Any]:
         if protocol is not None and ctx.is_main:
             _check_protocol_feasible(meta_dataset, plan.test, protocol)
 
-        optimizer = build_optimizer(cfg.trainer, list(learner.parameters()))
-        scheduler = build_scheduler(cfg.trainer, optimizer)
-        fingerprint = training_fingerprint(cfg, learner, plan)
-        resume_path = find_resume_checkpoint(cfg, run_dir)
         plain_cfg = to_plain(cfg)
-        loop = TrainingLoop(
-            learner, objective, optimizer, scheduler, cfg.trainer, ctx, run_dir,
-            fingerprint=fingerprint, backbone=backbone, config=plain_cfg,
-        )
-        if resume_path is not None:
-            step = loop.resume(resume_path)  # checks the fingerprint before anything else happens
-            if ctx.is_main:
-                log.info("resuming from %s at step %d", resume_path, step)
+        loop, resume_path = None, None
+        if objective is not None:
+            optimizer = build_optimizer(cfg.trainer, list(learner.parameters()))
+            scheduler = build_scheduler(cfg.trainer, optimizer)
+            fingerprint = training_fingerprint(cfg, learner, plan, data)
+            resume_path = find_resume_checkpoint(cfg, run_dir)
+            loop = TrainingLoop(
+                learner, objective, optimizer, scheduler, cfg.trainer, ctx, run_dir,
+                fingerprint=fingerprint, backbone=backbone, config=plain_cfg,
+            )
+            if resume_path is not None:
+                step = loop.resume(resume_path)  # checks the fingerprint before anything else happens
+                if ctx.is_main:
+                    log.info("resuming from %s at step %d", resume_path, step)
         if ctx.is_main:
             _write_config(run_dir / "config.yaml", cfg)
             write_json_atomic(run_dir / "tasks.json", plan.to_dict())
@@ -392,24 +349,27 @@ def run_training(cfg: Any) -> dict[str, Any]:
             run_dir,
             list(cfg.logger.backends),
             enabled=ctx.is_main,
-            resume_step=loop.step if resume_path is not None else None,
+            resume_step=loop.step if loop is not None and resume_path is not None else None,
             wandb={k: to_plain(v) for k, v in cfg.logger.wandb.items()},
             config=plain_cfg,
         )
-        loop.logger = logger
-        result = loop.fit()
         final: dict[str, Any] = {
             "run_dir": str(run_dir),
             "learner": name,
-            "steps_done": result.steps_done,
-            "stopped_early": result.stopped_early,
+            "steps_done": 0,
+            "stopped_early": False,
             "monitor": str(cfg.trainer.monitor),
-            "best_metric": result.best_metric,
-            "best_step": result.best_step,
-            "resumed_from_step": result.resumed_from_step,
+            "best_metric": None,
+            "best_step": 0,
+            "resumed_from_step": None,
             "world_size": ctx.world_size,
             "backbone": {"name": str(cfg.backbone.name), "weights": getattr(backbone, "weights_origin", None)},
         }
+        if loop is not None:
+            loop.logger = logger
+            result = loop.fit()
+            final.update(steps_done=result.steps_done, stopped_early=result.stopped_early, best_metric=result.best_metric,
+                         best_step=result.best_step, resumed_from_step=result.resumed_from_step)
         ctx.shutdown()  # no collectives after training: rank 0 tests alone
         if not ctx.is_main:
             return final
@@ -417,7 +377,7 @@ def run_training(cfg: Any) -> dict[str, Any]:
             test = _test_best(cfg, loop, learner, backbone, meta_dataset, plan, protocol, run_dir, ctx.device)
             final["test"] = test["summary"]
             logger.log({f"test/{protocol.primary_metric}": test["summary"]["methods"][test["method"]]["mean_over_tasks"]},
-                       result.steps_done)
+                       final["steps_done"])
             print(test["table"], flush=True)
         write_json_atomic(run_dir / "final_metrics.json", final)
         return final
@@ -427,13 +387,15 @@ def run_training(cfg: Any) -> dict[str, Any]:
         ctx.shutdown()
 
 
-def _test_best(cfg, loop, learner, backbone, meta_dataset, plan, protocol, run_dir, device) -> dict[str, Any]:
-    """Load the best checkpoint and run the protocol on the test tasks."""
+def _test_best(cfg: DictConfig, loop: Any, learner: Any, backbone: torch.nn.Module, meta_dataset: Any, plan: TaskPlan,
+               protocol: Any, run_dir: Path, device: Any) -> dict[str, Any]:
+    """Load the best checkpoint (when there was training) and run the protocol on the test tasks."""
     from medmeta.evaluation.protocols import run_protocol
     from medmeta.training.checkpoint import load_checkpoint
 
-    best = load_checkpoint(loop.best_path)
-    learner.load_state_dict(best["model"])
+    if loop is not None:
+        best = load_checkpoint(loop.best_path)
+        learner.load_state_dict(best["model"])
     test_cfg = cfg.get("test_learner")
     if test_cfg is not None:
         tester = build_learner(test_cfg, backbone, where="test_learner")
@@ -444,7 +406,7 @@ def _test_best(cfg, loop, learner, backbone, meta_dataset, plan, protocol, run_d
     tester.to(device)
     df = run_protocol({method: tester}, meta_dataset, plan.test, protocol, out_dir=run_dir / "test", device=device,
                       progress=bool(cfg.trainer.progress))
-    return {"method": method, "summary": _summary(df, protocol), "table": results_table(df, protocol)}
+    return {"method": method, "summary": protocol_summary(df, protocol), "table": results_table(df, protocol)}
 
 
 # evaluation -------------------------------------------------------------------------------------
@@ -456,7 +418,10 @@ def _checkpoint_path(text: str) -> Path:
                 return candidate
         raise ConfigError(f"checkpoint={text}: the folder has no checkpoints/best.pt")
     if not path.is_file():
-        raise ConfigError(f"checkpoint={text}: no such file (expected a medmeta best.pt / last.pt or a run folder)")
+        raise ConfigError(
+            f"checkpoint={text}: no such file (expected a medmeta checkpoint: a run's best.pt / last.pt, a run "
+            f"folder, or a file written by medmeta.learners.save_learner)"
+        )
     return path
 
 
@@ -465,10 +430,10 @@ def run_evaluation(cfg: Any) -> pd.DataFrame:
 
     With ``cfg.checkpoint``, learners of the checkpoint's method load its full state and the
     others its backbone (``checkpoint_load``); the backbone architecture then comes from the
-    checkpoint's config. Returns the tidy results (also ``results.csv`` in the run folder).
+    checkpoint (its run's config, or the architecture record of a ``save_learner`` file). Returns the tidy results (also ``results.csv`` in the run folder).
     """
     from medmeta.evaluation.protocols import run_protocol
-    from medmeta.training.checkpoint import backbone_state_dict, load_checkpoint
+    from medmeta.training.checkpoint import checkpoint_backbone, load_checkpoint, restore_learner
     from medmeta.training.distributed import resolve_device
 
     cfg = _as_config(cfg)
@@ -488,20 +453,20 @@ def run_evaluation(cfg: Any) -> pd.DataFrame:
         ckpt_path = _checkpoint_path(str(cfg.checkpoint))
         ckpt = load_checkpoint(ckpt_path)
         saved = ckpt.get("config") or {}
-        saved_backbone = saved.get("backbone")
-        if saved_backbone:
-            keep = {k: v for k, v in saved_backbone.items() if k in cfg.backbone}
-            backbone_cfg = OmegaConf.merge(cfg.backbone, {**keep, "pretrained": None})
-            if to_plain(cfg.backbone)["name"] != saved_backbone.get("name"):
-                log.info("checkpoint: using its backbone %s instead of backbone.name=%s", saved_backbone.get("name"), cfg.backbone.name)
+        saved_backbone = checkpoint_backbone(ckpt, ckpt_path)  # its run's config, else its architecture record
+        keep: dict[Any, Any] = {k: v for k, v in saved_backbone.items() if k in cfg.backbone}
+        backbone_cfg = OmegaConf.merge(cfg.backbone, {**keep, "pretrained": None})
+        if to_plain(cfg.backbone)["name"] != saved_backbone.get("name"):
+            log.info("checkpoint: using its backbone %s instead of backbone.name=%s", saved_backbone.get("name"), cfg.backbone.name)
         if str(cfg.data.get("normalize")) == "auto":  # read images as the checkpoint's run did
             from medmeta.training.components import resolve_normalize
 
             saved_data = saved.get("data") or {}
-            normalize = resolve_normalize(saved_data.get("normalize", "auto"), (saved_backbone or {}).get("pretrained"))
+            normalize = resolve_normalize(saved_data.get("normalize", "auto"), saved_backbone.get("pretrained"))
             data_cfg = OmegaConf.merge(cfg.data, {"normalize": normalize})
-    meta_dataset = open_meta_dataset(data_cfg, backbone_cfg.pretrained)
-    plan = resolve_tasks(meta_dataset, data_cfg, need=("test",))
+    data = resolve_data_config(data_cfg, backbone_cfg.pretrained)
+    meta_dataset = open_meta_dataset(data)
+    plan = plan_tasks(meta_dataset, data.train, data.val, data.test, target=data.target, need=("test",))
     protocol = build_protocol(cfg.protocol)
     _check_protocol_feasible(meta_dataset, plan.test, protocol)
     learners: dict[str, Any] = {}
@@ -511,26 +476,13 @@ def run_evaluation(cfg: Any) -> pd.DataFrame:
         weights_origin = f"checkpoint {cfg.checkpoint}" if ckpt is not None else getattr(backbone, "weights_origin", None)
         learner = build_learner(lcfg, backbone, where=f"learners.{method}")
         if ckpt is not None:
-            saved_name = learner_name((ckpt.get("config") or {}).get("learner", {"name": ""}))
             mode = str(cfg.checkpoint_load)
-            if mode == "auto":
-                mode = "learner" if learner_name(lcfg) == saved_name else "backbone"
-            if mode == "learner":
-                try:
-                    learner.load_state_dict(ckpt["model"])
-                except RuntimeError as err:
-                    raise ConfigError(
-                        f"checkpoint={cfg.checkpoint}: its {saved_name} weights do not fit learners.{method}: {err}"
-                    ) from err
-            else:
-                prefix = ckpt.get("backbone_prefix")
-                if prefix is None:
-                    raise ConfigError(f"checkpoint={cfg.checkpoint}: it does not record where its backbone weights are")
-                weights = backbone_state_dict(ckpt["model"], prefix)
-                try:
-                    backbone.load_state_dict(weights)
-                except RuntimeError as err:
-                    raise ConfigError(f"checkpoint={cfg.checkpoint}: its backbone does not fit learners.{method}: {err}") from err
+            if mode == "auto":  # the whole state for the checkpoint's own method, else its backbone
+                saved_name = learner_name((ckpt.get("config") or {}).get("learner", {"name": ""}))
+                same = (learner_name(lcfg) == saved_name if saved_name
+                        else type(learner).__name__ == ckpt["architecture"].get("learner"))
+                mode = "learner" if same else "backbone"
+            restore_learner(ckpt, learner, backbone, mode, where=f"learners.{method}", source=f"checkpoint={cfg.checkpoint}")
         learners[str(method)] = learner.to(device)
     _write_config(run_dir / "config.yaml", cfg)
     write_json_atomic(run_dir / "tasks.json", {"test": [f"{d}/{t}" for d, t in plan.test]})
@@ -539,7 +491,7 @@ def run_evaluation(cfg: Any) -> pd.DataFrame:
     header = (f"data: {cfg.data.name} ({len(plan.test)} test task(s)); backbone: {backbone_cfg.name} "
               f"(weights: {weights_origin}); run folder: {run_dir}")
     table = header + "\n" + results_table(df, protocol)
-    summary = _summary(df, protocol)
+    summary = protocol_summary(df, protocol)
     summary["backbone"] = {"name": str(backbone_cfg.name), "weights": weights_origin}
     summary["data"] = str(cfg.data.name)
     write_json_atomic(run_dir / "final_metrics.json", summary)

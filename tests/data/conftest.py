@@ -20,7 +20,7 @@ def hand_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic meta-dataset at 16 px, 60 images per dataset (read-only)."""
-    from medmeta.data.synthetic import build_synthetic_meta_dataset
+    from medmeta.recipes import build_synthetic_meta_dataset
 
     return build_synthetic_meta_dataset(tmp_path_factory.mktemp("synthetic") / "root", seed=0, image_size=16,
                                         num_images=60)

@@ -5,18 +5,16 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 from medmeta.data import MetaDataset, TaskEntry, UnknownNameError
-from medmeta.data import embedded
-from medmeta.data.synthetic import SYNTHETIC_DATASETS, build_synthetic_meta_dataset
-from medmeta.tasks import TaskTarget
-
 from medmeta.data.catalog import CATALOG_DIR as REAL_INFOS  # the 19 real info.yaml files, shipped
+from medmeta.recipes import embedded
+from medmeta.recipes.synthetic import SYNTHETIC_DATASETS, build_synthetic_meta_dataset
+from medmeta.tasks import TaskTarget
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +180,23 @@ def test_embedded_synthetic_builds_once_into_a_versioned_cache(tmp_path, monkeyp
     assert len(meta.datasets) == len(SYNTHETIC_DATASETS)
     with pytest.raises(UnknownNameError, match=r"embedded data set 'rael' does not exist; did you mean 'real'"):
         embedded.open_default("rael")
+
+
+def test_embedded_synthetic_bytes_are_those_of_the_cached_version(tmp_path):
+    """The embedded cache folder is named after SYNTHETIC_VERSION: if this fails, the recipe writes
+    other bytes than before, so bump SYNTHETIC_VERSION and record the new digest."""
+    import hashlib
+
+    assert embedded.SYNTHETIC_VERSION == 2
+    folder = build_synthetic_meta_dataset(tmp_path, seed=0, image_size=32, num_images=600, dataset_ids=["syn_oct"])
+    folder = folder / "syn_oct"
+    h = hashlib.sha256()
+    with h5py.File(folder / "images.hdf5", "r") as f:
+        h.update(np.ascontiguousarray(f["images"][()]).tobytes())
+    for p in sorted((folder / "task_labels").glob("*.npy")) + sorted((folder / "splits").glob("*.txt")):
+        h.update(p.name.encode())
+        h.update(np.load(p).tobytes() if p.suffix == ".npy" else p.read_bytes())
+    assert h.hexdigest() == "66fa1df8e7bf8ca242879a85a2d913b75e85df1410212ba04cd63acd59c0175e"
 
 
 def test_embedded_real_uses_the_real_mini_builder(tmp_path, monkeypatch):

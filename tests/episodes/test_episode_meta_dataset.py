@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from medmeta.data import MetaDataset, build_synthetic_meta_dataset
+from medmeta.data import MetaDataset
 from medmeta.episodes import EpisodeStream, MultiDomainSampler
 from medmeta.evaluation.protocols import custom_protocol, run_protocol
+from medmeta.recipes import build_synthetic_meta_dataset
 from medmeta.tasks import TaskTarget
 
 

@@ -37,7 +37,7 @@ def test_multiclass_every_class_has_exactly_k_support_and_q_query(source_factory
         assert np.bincount(spec.query_labels, minlength=3).tolist() == [6, 6, 6]
         # labels are episode positions of the kept classes, indices are the original ones
         raw = src.labels[spec.support_positions]
-        assert [spec.description.label_keys[l] for l in spec.support_labels] == raw.tolist()
+        assert [spec.description.label_keys[y] for y in spec.support_labels] == raw.tolist()
         np.testing.assert_array_equal(spec.support_indices, spec.support_positions + 1000)
         assert list(spec.description.label_keys) == sorted(spec.description.label_keys)
         seen_classes.update(spec.description.label_keys)
@@ -127,7 +127,7 @@ def test_ordinal_keys_with_gaps_map_in_order(source_factory):
         keys = list(s.description.label_keys)
         assert keys == sorted(keys)
         raw = src.labels[s.query_positions]
-        assert [keys[l] for l in s.query_labels] == raw.tolist()
+        assert [keys[y] for y in s.query_labels] == raw.tolist()
 
 
 def test_same_seed_same_episodes_resumable_and_seed_matters(source_factory):

@@ -5,8 +5,8 @@ import pickle
 
 import numpy as np
 import pytest
-
 from episode_fixtures import make_source
+
 from medmeta.episodes import (
     EpisodeStream,
     FewShotSampler,

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from medmeta.data.array_source import ArrayTaskSource
 from medmeta.learners.base import Learner
+from medmeta.learners.frozen import FrozenFeatureLearner
 from medmeta.tasks import TaskDescription
 
 
@@ -46,7 +47,7 @@ def class_source(
     return ArrayTaskSource(torch.as_tensor(images, dtype=torch.float32), labels, description, split=split)
 
 
-class TinyCentroidLearner(Learner):
+class TinyCentroidLearner(FrozenFeatureLearner):
     """Nearest centroid on features of a fixed random conv (a frozen backbone); sigmoid tasks use
     a positive and a negative centroid per label."""
 

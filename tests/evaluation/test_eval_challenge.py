@@ -12,9 +12,9 @@ import types
 import numpy as np
 import pytest
 import torch
+from eval_fixtures import TinyCentroidLearner, class_source
 from PIL import Image
 
-from eval_fixtures import TinyCentroidLearner, class_source
 from medmeta.evaluation.challenge import (
     convert_torchcross_task,
     encode_label_names,
@@ -159,7 +159,9 @@ def test_torchcross_pickle_only_with_trust_flag(tmp_path, monkeypatch):
     out = tmp_path / "task.safetensors"
     with pytest.raises(PermissionError, match="--trust-pickle"):
         convert_torchcross_task(pkl, out)
-    assert main(["convert", str(pkl), "--out", str(out)]) == 2 and not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(pkl), "--out", str(out)])
+    assert exit_info.value.code == 2 and not out.exists()
     assert main(["convert", str(pkl), "--out", str(out), "--trust-pickle"]) == 0
     tensors, meta = load_tensor_file(out)
     assert meta["task_target"] == "BINARY_CLASSIFICATION" and json.loads(meta["classes"]) == ["no", "yes"]
@@ -243,13 +245,18 @@ def test_command_line_bad_input_exits_with_a_clear_message(tmp_path, capsys):
                            "query_images": src.images[6:]})
     base = ["predict", "--learner", "protonet", "--backbone", "medmeta_conv4_tiny", "--channels", "1",
             "--out", str(tmp_path / "p.csv")]
-    assert main([*base, "--support", str(bad), "--task-kind", "multiclass", "--classes", "a,b,c"]) == 2
-    assert "labels outside 0..2" in capsys.readouterr().err
-    assert main([*base, "--support", str(bad)]) == 2
-    assert "--task-kind and --classes are required" in capsys.readouterr().err
+    for args, message in [
+        (["--support", str(bad), "--task-kind", "multiclass", "--classes", "a,b,c"], "labels outside 0..2"),
+        (["--support", str(bad)], "--task-kind and --classes are required"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("medmeta-challenge: error: ") and message in err
     rgb = tmp_path / "rgb.pt"
     save_tensor_file(rgb, {"support_images": src.images[:6], "support_labels": torch.tensor([0, 1, 2, 0, 1, 2]),
                            "query_images": src.images[6:].expand(-1, 3, -1, -1)})
-    assert main([*base, "--support", str(rgb), "--task-kind", "multiclass", "--classes", "a,b,c"]) == 2
-    assert "3 channels" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--support", str(rgb), "--task-kind", "multiclass", "--classes", "a,b,c"])
+    assert exit_info.value.code == 2 and "3 channels" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from eval_fixtures import RandomGuessLearner, TinyCentroidLearner, class_source
+
 from medmeta.episodes import InsufficientDataError
 from medmeta.evaluation.protocols import (
     RESULT_COLUMNS,

@@ -1,6 +1,6 @@
 """Every learner learns on the project's synthetic meta-dataset, written and read like real data.
 
-The meta-dataset is built with :func:`~medmeta.data.synthetic.build_synthetic_meta_dataset`,
+The meta-dataset is built with :func:`~medmeta.recipes.build_synthetic_meta_dataset`,
 opened with :class:`~medmeta.data.meta_dataset.MetaDataset` and split leave-out style:
 ``syn_derm`` (with ``syn_derm_clinic``, its declared domain/subject overlap), ``syn_fundus`` and
 ``syn_xray`` are held out, so learners meta-train on the *train* split of ``syn_oct`` and
@@ -42,11 +42,11 @@ import torch
 
 from medmeta.backbones import create_backbone
 from medmeta.data.meta_dataset import MetaDataset
-from medmeta.data.synthetic import build_synthetic_meta_dataset
 from medmeta.episodes import EpisodeStream, FewShotSampler, MultiDomainSampler
 from medmeta.evaluation.metrics import balanced_accuracy
 from medmeta.learners import Learner, create_learner
 from medmeta.learners.heads import task_loss
+from medmeta.recipes import build_synthetic_meta_dataset
 from medmeta.tasks import Episode
 
 NOISE = 3.0

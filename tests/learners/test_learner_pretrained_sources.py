@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from medmeta.backbones import create_backbone
-from medmeta.backbones import pretrained
+from medmeta.backbones import create_backbone, pretrained
 from medmeta.backbones.pretrained import (
     get_pretrained_source,
     list_pretrained_sources,
@@ -84,7 +83,7 @@ def test_backbone_from_a_named_source_gives_the_classifiers_pooled_features(clas
 
 def test_missing_package_wrong_architecture_and_corrupt_files_are_explained(monkeypatch):
     assert list_pretrained_sources() == sorted(SOURCES)
-    monkeypatch.setattr(pretrained, "_SOURCES", dict(pretrained._SOURCES))  # registrations stay in this test
+    monkeypatch.setattr(pretrained, "SOURCES", pretrained.SOURCES.copy())  # registrations stay in this test
     spec = get_pretrained_source("imagenet-mobilenetv2")
     missing = dataclasses.replace(spec, name="test-missing", distribution="medmeta-no-such-weights-package")
     register_pretrained_source(missing)

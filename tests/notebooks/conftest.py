@@ -8,7 +8,7 @@ import pytest
 def embedded_data(tmp_path_factory: pytest.TempPathFactory):
     """``MEDMETA_DATA_DIR`` set to a session folder (kernels inherit it), the embedded real-image
     meta-dataset built there once for every notebook that opens it."""
-    from medmeta.data.embedded import open_default
+    from medmeta.recipes import open_default
 
     data_dir = tmp_path_factory.mktemp("medmeta_data")
     with pytest.MonkeyPatch.context() as mp:

@@ -10,7 +10,6 @@ import ast
 import re
 
 import pytest
-
 from nb_harness import NOTEBOOK_DIR, cell_errors, check_png, execute_notebook, notebook_text
 
 #: notebook -> the figures it must write (under <out>/<notebook stem>/)

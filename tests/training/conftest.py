@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from tiny_meta import TinyMetaDataset
 
 
@@ -19,7 +18,7 @@ def tiny_meta() -> TinyMetaDataset:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """MEDMETA_DATA_DIR pointing at a session folder holding the built synthetic meta-dataset."""
-    from medmeta.data.embedded import open_default
+    from medmeta.recipes import open_default
 
     data_dir = tmp_path_factory.mktemp("medmeta_data")
     with pytest.MonkeyPatch.context() as mp:

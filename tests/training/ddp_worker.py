@@ -20,11 +20,11 @@ torch.set_num_threads(1)
 
 def run(out: str, run_dir: str, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
+    from tiny_meta import TinyMetaDataset
 
     import medmeta.config  # noqa: F401
     import medmeta.training.loop as loop
     import medmeta.training.run as run_module
-    from tiny_meta import TinyMetaDataset
 
     conf = Path(__file__).resolve().parents[2] / "conf"
     recorded: list[torch.Tensor] = []

@@ -20,7 +20,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from medmeta.training.components import ConfigError
+from medmeta.errors import ConfigError
 from medmeta.training.run import run_evaluation, run_training
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +97,7 @@ def test_mm_pt_pretrains_heads_and_is_tested_by_finetuning(tmp_path, synthetic_d
         "test_learner.steps=2", "logger=csv", f"run_dir={tmp_path}",
     ])
     final = run_training(cfg)
-    assert final["learner"] == "mmpt" and final["steps_done"] == 4
+    assert final["learner"] == "mm_pt" and final["steps_done"] == 4
     assert set(final["test"]["methods"]) == {"finetune"}
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert "val/auroc" in set(metrics["name"])
@@ -190,7 +190,7 @@ def test_missing_data_root_is_named(tmp_path):
 
 
 def test_unknown_dataset_or_task_is_named_with_what_exists(tmp_path, synthetic_data):
-    from medmeta.data.embedded import open_default
+    from medmeta.recipes import open_default
 
     ids = sorted({e.dataset_id for e in open_default("synthetic").tasks})
     cfg = _compose("train", [*FAST_TRAIN, "data.target=no_such_dataset", f"run_dir={tmp_path}"])

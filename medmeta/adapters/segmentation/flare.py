@@ -39,7 +39,7 @@ from medmeta.adapters.segmentation.volumes import (
     read_volume,
     write_volume,
 )
-from medmeta.data.errors import DataFormatError, MissingDataError
+from medmeta.errors import DataFormatError, InsufficientDataError, MissingDataError, exit_on_user_error
 
 __all__ = ["list_cases", "pair_cases", "adapt_on_volumes", "run_flare", "build_parser", "main"]
 
@@ -109,7 +109,7 @@ def adapt_on_volumes(
         keep.append(positions)
     positions = np.concatenate(keep)
     if len(positions) == 0:
-        raise ValueError(f"support volumes {[str(p[1]) for p in pairs]}: no slice contains any of the labels {labels}")
+        raise InsufficientDataError(f"support volumes {[str(p[1]) for p in pairs]}: no slice contains any of the labels {labels}")
     images = source.read_images(positions).to(device)
     masks = source.read_masks(positions).to(device)
     return learner.adapt(images, masks, len(labels)), int(len(positions))
@@ -257,7 +257,8 @@ def main(argv: Optional[Sequence[str]] = None, learner: Any = None) -> int:
     torch.manual_seed(args.seed)
     labels = _parse_labels(args.labels)
     method = args.method if learner is None else type(learner).__name__
-    try:
+
+    def command(learner: Any) -> Any:
         pairs = pair_cases(args.support_images, args.support_labels)
         if args.support_cases is not None:
             pairs = pairs[: args.support_cases]
@@ -267,16 +268,15 @@ def main(argv: Optional[Sequence[str]] = None, learner: Any = None) -> int:
 
             backbone = create_backbone(args.backbone, pretrained=args.weights, out_indices=args.out_indices)
             learner = create_segmenter(args.method, backbone, **_parse_kv(args.learner_arg))
-        table = run_flare(
+        return run_flare(
             args.input, args.output, learner, pairs, labels=labels, axis=args.axis,
             window=None if args.no_window else tuple(args.window), size=args.size, slices_per_volume=args.shots,
             batch_size=None if args.batch_size == 0 else args.batch_size, device=args.device, amp=args.amp,
             sliding_window=args.sliding_window, labels_dir=args.labels_dir, tolerance_mm=args.tolerance_mm,
             report_dir=args.report_dir, method=method, hd95=args.hd95,
         )
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"medmeta-flare: error: {err}", file=sys.stderr)
-        return 2
+
+    table = exit_on_user_error("medmeta-flare", command, learner)
     overall = table[table["case"] == "overall"].iloc[0]
     n = int((~table["case"].isin(["setup", "overall"])).sum())
     line = f"medmeta-flare: {n} cases -> {args.output}; {overall['mean_seconds']:.2f} s/case, " \

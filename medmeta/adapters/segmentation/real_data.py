@@ -1,15 +1,17 @@
 """Real segmentation images that installed packages ship: no downloads, no network.
 
+The files are located and read by :mod:`medmeta.recipes.package_images` (the one locator,
+:mod:`medmeta.recipes.package_files`, names each file once); this module turns them into
+segmentation data:
+
 * :func:`nuclei_2d`: stardist's fluorescence microscopy image of nuclei (2018 Kaggle Data
   Science Bowl; Caicedo et al., Nature Methods 2019) with its instance mask, 512 x 512;
-  :func:`nuclei_3d` its small synthetic 3-D nuclei volume. The files are read with
-  ``tifffile`` from the installed ``stardist`` package without importing it (stardist's
-  ``__init__`` pulls in TensorFlow-era dependencies; ``pip install --no-deps stardist``
-  suffices).
+  :func:`nuclei_3d` its small synthetic 3-D nuclei volume (stardist is not imported: it pulls
+  in TensorFlow-era dependencies; ``pip install --no-deps stardist`` suffices).
 * :func:`mni152_volume` / :func:`mni152_slices`: nilearn's MNI152 2009a symmetric T1
   template (1 mm) with its grey- and white-matter probability maps thresholded into a label
-  mask (0 background, 1 grey matter, 2 white matter), read with nibabel from the files nilearn
-  bundles (nilearn is not imported, which takes seconds).
+  mask (0 background, 1 grey matter, 2 white matter), read with nibabel (nilearn is not
+  imported, which takes seconds).
 * :func:`shepp_logan_2d`: scikit-image's Shepp-Logan phantom with its regions as labels and
   optional noise, a CT-like multi-label image.
 * :func:`tile_image`: cut an image and its mask into square tiles (few-shot episodes of crops).
@@ -18,14 +20,13 @@ Images are returned as float32 numpy arrays scaled to [0, 1], masks as int64.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from medmeta.recipes import package_images
+
 __all__ = [
-    "package_dir",
     "nuclei_2d",
     "nuclei_3d",
     "mni152_volume",
@@ -37,20 +38,6 @@ __all__ = [
 
 MNI152_LABELS = ("background", "grey matter", "white matter")
 
-_MNI_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
-
-
-def package_dir(name: str, pip_hint: str) -> Path:
-    """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"real data: package {name!r} is not installed; {pip_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
-
 
 def _scale01(a: np.ndarray) -> np.ndarray:
     a = a.astype(np.float32)
@@ -58,12 +45,10 @@ def _scale01(a: np.ndarray) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
-def _read_tif(path: Path) -> np.ndarray:
-    import tifffile
-
-    if not path.is_file():
-        raise FileNotFoundError(f"real data: {path} is missing from the installed package")
-    return tifffile.imread(path)
+def _nuclei(pair: tuple[np.ndarray, np.ndarray], binary: bool) -> tuple[np.ndarray, np.ndarray]:
+    img, mask = pair
+    mask = mask.astype(np.int64)
+    return _scale01(img), (mask > 0).astype(np.int64) if binary else mask
 
 
 def nuclei_2d(binary: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -71,18 +56,12 @@ def nuclei_2d(binary: bool = False) -> tuple[np.ndarray, np.ndarray]:
 
     ``binary=True`` returns the mask as 0 background / 1 nucleus instead of instance ids.
     """
-    d = package_dir("stardist", "pip install --no-deps stardist") / "data" / "images"
-    img, mask = _read_tif(d / "img2d.tif"), _read_tif(d / "mask2d.tif")
-    mask = mask.astype(np.int64)
-    return _scale01(img), (mask > 0).astype(np.int64) if binary else mask
+    return _nuclei(package_images.fluorescence_nuclei(), binary)
 
 
 def nuclei_3d(binary: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """stardist's synthetic 3-D nuclei volume ``(31, 61, 57)`` in [0, 1] and its instance mask."""
-    d = package_dir("stardist", "pip install --no-deps stardist") / "data" / "images"
-    img, mask = _read_tif(d / "img3d.tif"), _read_tif(d / "mask3d.tif")
-    mask = mask.astype(np.int64)
-    return _scale01(img), (mask > 0).astype(np.int64) if binary else mask
+    return _nuclei(package_images.nuclei_volume(), binary)
 
 
 def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
@@ -98,27 +77,20 @@ def mni152_volume(downsample: int = 2, threshold: float = 0.5) -> tuple[np.ndarr
     grid, 197 x 233 x 189); a voxel is grey matter (1) where its grey-matter probability is at
     least ``threshold`` and not below the white-matter one, white matter (2) likewise, else 0.
     """
-    import nibabel as nib
-
     if not isinstance(downsample, int) or downsample < 1:
         raise ValueError(f"downsample: expected an int >= 1, got {downsample!r}")
     if not 0 < threshold < 1:
         raise ValueError(f"threshold: expected a probability in (0, 1), got {threshold}")
-    d = package_dir("nilearn", "pip install nilearn") / "datasets" / "data"
-    arrays, spacing = {}, None
-    for key, name in _MNI_FILES.items():
-        path = d / name
-        if not path.is_file():
-            raise FileNotFoundError(f"real data: {path} is missing from the installed nilearn")
-        img = nib.load(str(path))
-        a = np.asarray(img.dataobj, dtype=np.float32)
+    volumes = package_images.mni152_volumes(spacing=True)
+    arrays = {}
+    for key in ("t1", "gm", "wm"):
+        a = np.asarray(volumes[key], dtype=np.float32)
         arrays[key] = _block_mean(a, downsample) if downsample > 1 else a
-        spacing = tuple(float(z) * downsample for z in img.header.get_zooms()[:3])
+    spacing = tuple(z * downsample for z in volumes["spacing"])
     gm, wm = arrays["gm"] / 255.0, arrays["wm"] / 255.0
     labels = np.zeros(gm.shape, dtype=np.int64)
     labels[(gm >= threshold) & (gm >= wm)] = 1
     labels[(wm >= threshold) & (wm > gm)] = 2
-    assert spacing is not None
     return _scale01(arrays["t1"]), labels, spacing
 
 

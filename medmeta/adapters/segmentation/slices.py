@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from medmeta.adapters.segmentation.volumes import read_image_and_label, to_slices, window_ct
-from medmeta.data.errors import DataFormatError
 from medmeta.data.info import DatasetInfo, TaskInfo
 from medmeta.data.layout import (
     HDF5_DATASET,
@@ -39,8 +38,18 @@ from medmeta.data.layout import (
     resolve_split_indices,
     split_path,
 )
-from medmeta.data.medimeta import NORMALIZATIONS, find_dataset_dir
-from medmeta.data.source import TaskSource
+from medmeta.data.medimeta import find_dataset_dir
+from medmeta.data.source import Positions, TaskSource, unique_indices
+from medmeta.data.transforms import (
+    ImageTransform,
+    check_channels,
+    check_normalize,
+    normalize_,
+    parse_size,
+    resize_float,
+    resize_masks,
+)
+from medmeta.errors import DataFormatError
 from medmeta.io import atomic_path, write_bytes_atomic
 from medmeta.tasks import Episode, TaskDescription, TaskTarget
 
@@ -81,23 +90,23 @@ def prepare_slices(
     normalize: Optional[str] = "official",
 ) -> np.ndarray:
     """A volume's slices ``(S, H, W)`` float32 as a model sees them: CT window ``(level, width)``
-    to [0, 1] (``None``: taken as already in [0, 1]), then MedIMeta's normalisation. Support and
-    query volumes must go through the same function."""
+    to [0, 1] (``None``: taken as already in [0, 1]), then MedIMeta's normalisation
+    (:func:`medmeta.data.transforms.normalize_`, one channel). Support and query volumes must go
+    through the same function."""
+    check_normalize(normalize)
     scaled = window_ct(image, *window) if window is not None else np.asarray(image, dtype=np.float32)
-    slices = np.ascontiguousarray(to_slices(scaled, axis), dtype=np.float32)
+    slices = np.array(to_slices(scaled, axis), dtype=np.float32, order="C")  # a copy: normalised in place
     if normalize is not None:
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize: expected None or one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
-        mean, std = NORMALIZATIONS[normalize]
-        slices = (slices - np.float32(mean[0])) / np.float32(std[0])
+        normalize_(torch.from_numpy(slices)[:, None], normalize)
     return slices
 
 
 def _presence(masks: np.ndarray, num_labels: int) -> np.ndarray:
     """``(N, L)`` uint8: does slice n contain position l+1."""
     flat = masks.reshape(len(masks), -1)
-    return np.stack([(flat == l).any(axis=1) for l in range(1, num_labels + 1)], axis=1).astype(np.uint8) \
-        if num_labels else np.zeros((len(masks), 0), dtype=np.uint8)
+    if not num_labels:
+        return np.zeros((len(masks), 0), dtype=np.uint8)
+    return np.stack([(flat == label).any(axis=1) for label in range(1, num_labels + 1)], axis=1).astype(np.uint8)
 
 
 def write_segmentation_set(
@@ -170,16 +179,8 @@ class _MaskSource(TaskSource):
 
     num_labels: int
 
-    def read_masks(self, positions: Sequence[int]) -> Tensor:  # pragma: no cover - abstract
+    def read_masks(self, positions: Positions) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def _check_positions(self, positions: Sequence[int]) -> np.ndarray:
-        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if len(pos) and (pos.min() < 0 or pos.max() >= n):
-            bad = pos[(pos < 0) | (pos >= n)][:10].tolist()
-            raise IndexError(f"{self.description.task_identifier} ({self.split}): positions {bad} out of range 0..{n - 1}")
-        return pos
 
     def __getitem__(self, position: int) -> tuple[Tensor, Tensor]:
         return self.read_images([position])[0], self.read_masks([position])[0]
@@ -188,9 +189,10 @@ class _MaskSource(TaskSource):
 class SegmentationTaskSource(_MaskSource):
     """A 2-D segmentation task of a MedIMeta-layout folder with ``masks`` in ``images.hdf5``.
 
-    Images are converted as the classification reader does (uint8 -> [0, 1] -> ``normalize``;
-    ``channels`` 1 or 3, gray repeated); ``image_size`` resizes images (bilinear) and masks
-    (nearest). ``task_name`` may be omitted when the dataset has one segmentation task.
+    Images are converted exactly as the classification reader converts them (one
+    :class:`~medmeta.data.transforms.ImageTransform`: RGB -> grey with PIL's formula, grey
+    repeated for ``channels=3``, PIL bilinear resize to ``image_size``, ``normalize``); masks are
+    resized nearest. ``task_name`` may be omitted when the dataset has one segmentation task.
     """
 
     def __init__(
@@ -202,7 +204,7 @@ class SegmentationTaskSource(_MaskSource):
         original_split: SplitArg = None,
         channels: Optional[int] = None,
         normalize: Optional[str] = "official",
-        image_size: Optional[Sequence[int]] = None,
+        image_size: Union[int, Sequence[int], None] = None,
     ) -> None:
         import h5py
 
@@ -231,13 +233,11 @@ class SegmentationTaskSource(_MaskSource):
         self.task_info = task
         self.description = task.description(info)
         self.num_labels = task.num_classes
-        if channels is not None and channels not in (1, 3):
-            raise ValueError(f"channels: expected None, 1 or 3, got {channels!r}")
-        self.num_channels = int(channels) if channels is not None else info.num_channels
-        if normalize is not None and normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize: expected None or one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
-        self.normalize = normalize
-        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        channels = check_channels(channels)
+        self.num_channels = channels if channels is not None else info.num_channels
+        self.normalize = check_normalize(normalize)
+        self.image_size = parse_size(image_size)
+        self.image_transform = ImageTransform(self.num_channels, self.image_size, self.normalize)
         self.image_indices, self.split = resolve_split_indices(self.dataset_dir, info, split, original_split)
         self.hdf5_path = self.dataset_dir / HDF5_FILE
         shape = inspect_hdf5(self.hdf5_path, expected_images=info.total_num_samples)
@@ -280,36 +280,26 @@ class SegmentationTaskSource(_MaskSource):
             self._h5pid = os.getpid()
         return self._h5
 
-    def _read(self, name: str, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        pos = self._check_positions(positions)
-        indices = self.image_indices[pos]
-        unique, inverse = np.unique(indices, return_inverse=True)
+    def _read(self, name: str, positions: Positions) -> tuple[np.ndarray, Optional[Tensor]]:
+        """Stored rows of dataset ``name`` (one sorted read, repeats once) and the reordering
+        that gives them in the order asked for (``None``: already in order)."""
+        pos = self.check_positions(positions)
+        unique, inverse, in_order = unique_indices(self.image_indices[pos])
         ds = self._file()[name]
         raw = ds[unique] if len(unique) else np.zeros((0, *ds.shape[1:]), ds.dtype)
-        return raw, inverse.reshape(-1)
+        return raw, None if in_order else torch.from_numpy(inverse)
 
-    def read_images(self, positions: Sequence[int]) -> Tensor:
-        raw, inverse = self._read(HDF5_DATASET, positions)
-        t = torch.from_numpy(np.ascontiguousarray(raw)).float().div(255)
-        t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
-        if t.shape[1] == 3 and self.num_channels == 1:
-            t = (t * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        elif t.shape[1] == 1 and self.num_channels == 3:
-            t = t.expand(-1, 3, -1, -1)
-        if self.image_size is not None and tuple(t.shape[-2:]) != self.image_size:
-            t = torch.nn.functional.interpolate(t, size=self.image_size, mode="bilinear", align_corners=False)
-        if self.normalize is not None:
-            mean, std = NORMALIZATIONS[self.normalize]
-            c = self.num_channels
-            t = (t - torch.tensor(mean[:c]).view(1, c, 1, 1)) / torch.tensor(std[:c]).view(1, c, 1, 1)
-        return t[torch.from_numpy(inverse)].contiguous()
+    def read_images(self, positions: Positions) -> Tensor:
+        raw, order = self._read(HDF5_DATASET, positions)
+        images = self.image_transform(raw)
+        return images if order is None else images[order]
 
-    def read_masks(self, positions: Sequence[int]) -> Tensor:
-        raw, inverse = self._read(MASKS_DATASET, positions)
-        m = torch.from_numpy(remap_mask(raw, self.task_info.label_keys, f"{self.hdf5_path}:{MASKS_DATASET}"))
-        if self.image_size is not None and tuple(m.shape[-2:]) != self.image_size:
-            m = torch.nn.functional.interpolate(m[:, None].float(), size=self.image_size, mode="nearest")[:, 0].long()
-        return m[torch.from_numpy(inverse)].contiguous()
+    def read_masks(self, positions: Positions) -> Tensor:
+        raw, order = self._read(MASKS_DATASET, positions)
+        masks = torch.from_numpy(remap_mask(raw, self.task_info.label_keys, f"{self.hdf5_path}:{MASKS_DATASET}"))
+        if self.image_size is not None:
+            masks = resize_masks(masks, self.image_size)
+        return masks if order is None else masks[order]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -356,7 +346,11 @@ class VolumeSliceSource(_MaskSource):
             domain_identifier=domain, label_keys=tuple(keys), dataset_id=dataset_id, task_name="segmentation",
         )
         self.num_labels = len(keys)
-        image_parts, mask_parts, vol_ids, slice_ids = [], [], [], []
+        size_t = parse_size(size)
+        image_parts: list[Tensor] = []
+        mask_parts: list[Tensor] = []
+        vol_ids: list[np.ndarray] = []
+        slice_ids: list[np.ndarray] = []
         for v, (image, mask) in enumerate(zip(images, masks)):
             image, mask = np.asarray(image), np.asarray(mask)
             where = self.names[v]
@@ -364,10 +358,8 @@ class VolumeSliceSource(_MaskSource):
                 raise DataFormatError(f"{where}: image shape {image.shape} and mask shape {mask.shape} must be equal and 3-D")
             img_s = torch.from_numpy(prepare_slices(image, axis, window, normalize))[:, None]
             msk_s = torch.from_numpy(np.ascontiguousarray(to_slices(remap_mask(mask, keys, where), axis)))
-            if size is not None and tuple(img_s.shape[-2:]) != tuple(size):
-                size_t = (int(size[0]), int(size[1]))
-                img_s = torch.nn.functional.interpolate(img_s, size=size_t, mode="bilinear", align_corners=False)
-                msk_s = torch.nn.functional.interpolate(msk_s[:, None].float(), size=size_t, mode="nearest")[:, 0].long()
+            if size_t is not None:
+                img_s, msk_s = resize_float(img_s, size_t), resize_masks(msk_s, size_t)
             if image_parts and img_s.shape[-2:] != image_parts[0].shape[-2:]:
                 raise DataFormatError(
                     f"{where}: slices are {tuple(img_s.shape[-2:])}, those of {self.names[0]} "
@@ -404,11 +396,11 @@ class VolumeSliceSource(_MaskSource):
     def num_volumes(self) -> int:
         return len(self.names)
 
-    def read_images(self, positions: Sequence[int]) -> Tensor:
-        return self.images[torch.from_numpy(self._check_positions(positions))]
+    def read_images(self, positions: Positions) -> Tensor:
+        return self.images[torch.from_numpy(self.check_positions(positions))]
 
-    def read_masks(self, positions: Sequence[int]) -> Tensor:
-        return self.masks[torch.from_numpy(self._check_positions(positions))]
+    def read_masks(self, positions: Positions) -> Tensor:
+        return self.masks[torch.from_numpy(self.check_positions(positions))]
 
     def volume_positions(self, volume: int) -> np.ndarray:
         """Item positions of one volume's slices, in slice order."""
@@ -525,7 +517,7 @@ class SegmentationEpisodeSampler:
             info=info,
         )
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Episode]:
         index = 0
         while True:
             yield self.episode(index)

@@ -41,7 +41,7 @@ class SyntheticCase:
 def _ellipsoid(grid: Sequence[np.ndarray], center: Sequence[float], radii: Sequence[float]) -> np.ndarray:
     """Voxels inside an axis-aligned ellipsoid; ``grid``, ``center`` and ``radii`` in mm."""
     total = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii))
-    return total <= 1.0
+    return np.asarray(total <= 1.0)
 
 
 def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: Sequence[float]) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medmeta.data.errors import DataFormatError, MissingDataError
+from medmeta.errors import DataFormatError, MissingDataError
 from medmeta.io import atomic_path
 
 __all__ = [

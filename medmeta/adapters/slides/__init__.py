@@ -15,14 +15,14 @@ Names are imported lazily, so ``import medmeta.adapters.slides`` does not load O
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medmeta.registry import lazy_exports
 
 _EXPORTS = {
     "open_slide": "reader",
     "SlideReader": "reader",
     "slide_fingerprint": "reader",
     "available_backends": "reader",
+    "list_backends": "reader",
     "detect_tissue": "tissue",
     "TissueMask": "tissue",
     "tile_slide": "tiling",
@@ -31,7 +31,7 @@ _EXPORTS = {
     "TileTransform": "tiling",
     "read_tile": "tiling",
     "MacenkoNormalizer": "stain",
-    "FeatureCache": "features",
+    "SlideFeatureStore": "features",
     "SlideFeatures": "features",
     "embed_slide": "features",
     "embed_tiles": "features",
@@ -44,6 +44,7 @@ _EXPORTS = {
     "CLAMSB": "mil",
     "MILLearner": "mil",
     "create_mil_head": "mil",
+    "list_mil_heads": "mil",
     "train_mil": "mil",
     "predict_mil": "mil",
     "write_pyramidal_tiff": "synthetic",
@@ -54,8 +55,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from medmeta.adapters.slides.errors import SlideError, SlideOpenError
-from medmeta.adapters.slides.features import FeatureCache, SlideFeatures, slide_features
+from medmeta.adapters.slides.features import SlideFeatures, SlideFeatureStore, slide_features
 from medmeta.adapters.slides.mil import Bags
 from medmeta.data.source import TaskSource
 from medmeta.tasks import Episode, TaskDescription, TaskTarget
@@ -54,7 +54,7 @@ class SlideTaskSource(TaskSource):
         table: CSV path or DataFrame with ``filename_column`` and ``label_column``.
         slide_dir: folder holding the slide files named in the table.
         backbone: the tile embedding model (e.g. ``create_backbone("resnet18", pretrained=...)``).
-        cache: folder (or :class:`FeatureCache`) for the per-slide feature files.
+        cache: folder (or :class:`SlideFeatureStore`) for the per-slide feature files.
         tiling: keyword arguments of :func:`~medmeta.adapters.slides.tiling.tile_slide`.
         classes: label values in class order (default: sorted unique values); a binary task's
             positive class is the second.
@@ -71,7 +71,7 @@ class SlideTaskSource(TaskSource):
         slide_dir: "str | Path",
         label_column: str,
         backbone: nn.Module,
-        cache: "FeatureCache | str | Path",
+        cache: "SlideFeatureStore | str | Path",
         tiling: Optional[dict[str, Any]] = None,
         filename_column: str = "filename",
         classes: Optional[Sequence[Any]] = None,
@@ -101,7 +101,7 @@ class SlideTaskSource(TaskSource):
             rows = df.index[df[label_column].isna()].tolist()[:10]
             raise ValueError(f"label table: column {label_column!r} is empty in rows {rows}")
         slide_dir = Path(slide_dir)
-        cache = FeatureCache(cache) if isinstance(cache, (str, Path)) else cache
+        cache = SlideFeatureStore(cache) if isinstance(cache, (str, Path)) else cache
         self.failures: dict[str, str] = {}
         features: list[SlideFeatures] = []
         keep: list[int] = []
@@ -156,12 +156,12 @@ class SlideTaskSource(TaskSource):
     ) -> "SlideTaskSource":
         """A source over bags already in memory or in feature files (no slides needed)."""
         self = cls.__new__(cls)
-        labels = np.asarray(labels)
+        raw = np.asarray(labels)
         self.failures = {}
         self._init_items(
             features=list(features),
-            raw_labels=labels,
-            classes=classes if classes is not None else sorted(pd.unique(labels).tolist()),
+            raw_labels=raw,
+            classes=classes if classes is not None else sorted(pd.unique(raw).tolist()),
             task_target=task_target,
             task_identifier=f"{dataset_id}: {task_name}",
             dataset_id=dataset_id,
@@ -196,7 +196,7 @@ class SlideTaskSource(TaskSource):
         if task_target is None:
             task_target = TaskTarget.BINARY_CLASSIFICATION if len(classes) == 2 else TaskTarget.MULTICLASS_CLASSIFICATION
         self.description = TaskDescription(
-            task_target=task_target,
+            task_target=TaskTarget.parse(task_target),
             classes=tuple(str(c) for c in classes),
             task_identifier=task_identifier,
             domain_identifier=dataset_id,
@@ -246,12 +246,12 @@ class SlideTaskSource(TaskSource):
 
 def encode_episode_labels(keys: np.ndarray, description: TaskDescription) -> Tensor:
     """Class positions to the episode encoding: binary ``(N, 1)`` float, else ``(N,)`` int64."""
-    keys = torch.as_tensor(np.asarray(keys, dtype=np.int64))
+    positions = torch.as_tensor(np.asarray(keys, dtype=np.int64))
     if description.task_target is TaskTarget.BINARY_CLASSIFICATION:
-        return keys.float().reshape(-1, 1)
+        return positions.float().reshape(-1, 1)
     if description.task_target.uses_sigmoid:
         raise ValueError(f"{description.task_identifier}: multi-label slide tasks are not supported")
-    return keys
+    return positions
 
 
 def sample_slide_episodes(

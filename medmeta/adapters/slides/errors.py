@@ -1,9 +1,12 @@
 """Errors of the slide adapter: each names the file and what was expected.
 
-All derive from :class:`SlideError` (a ``ValueError``), so a batch run can catch one type per
-slide, record it, and go on with the other slides.
+All derive from :class:`SlideError` (a :class:`~medmeta.errors.UserError` and a ``ValueError``),
+so a batch run can catch one type per slide, record it, and go on with the other slides, and the
+command-line apps end one with a single line and exit status 2.
 """
 from __future__ import annotations
+
+from medmeta.errors import UserError
 
 __all__ = [
     "SlideError",
@@ -19,7 +22,7 @@ __all__ = [
 ]
 
 
-class SlideError(ValueError):
+class SlideError(UserError, ValueError):
     """Base class of every slide-adapter error."""
 
 

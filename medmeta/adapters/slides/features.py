@@ -27,7 +27,7 @@ from medmeta.io import atomic_path
 
 __all__ = [
     "SlideFeatures",
-    "FeatureCache",
+    "SlideFeatureStore",
     "backbone_digest",
     "embed_tiles",
     "embed_slide",
@@ -75,8 +75,9 @@ class SlideFeatures:
         return torch.from_numpy(np.asarray(self.features, dtype=np.float32))
 
 
-class FeatureCache:
-    """A folder of per-slide feature files, ``<root>/<fingerprint>/<key>.h5``."""
+class SlideFeatureStore:
+    """A folder of per-slide tile feature files, ``<root>/<fingerprint>/<key>.h5`` (on disk, shared
+    by runs; not :class:`medmeta.evaluation.FeatureCache`, the in-memory embeddings of one protocol run)."""
 
     def __init__(self, root: "str | Path") -> None:
         self.root = Path(root)
@@ -204,7 +205,7 @@ def embed_slide(
     slide_path: "str | Path",
     grid: TileGrid,
     backbone: nn.Module,
-    cache: "FeatureCache | str | Path | None" = None,
+    cache: "SlideFeatureStore | str | Path | None" = None,
     transform: Optional[Callable[[np.ndarray], Any]] = None,
     transform_id: Optional[str] = None,
     batch_size: int = 64,
@@ -219,9 +220,9 @@ def embed_slide(
         raise FingerprintMismatchError(
             f"embed_slide: grid made for slide {grid.slide_fingerprint}, but {slide_path} is {fingerprint}"
         )
-    cache = FeatureCache(cache) if isinstance(cache, (str, Path)) else cache
+    cache = SlideFeatureStore(cache) if isinstance(cache, (str, Path)) else cache
     name = _backbone_name(backbone)
-    key = FeatureCache.make_key(fingerprint, name, backbone_digest(backbone), grid.params(), _transform_id(transform, transform_id))
+    key = SlideFeatureStore.make_key(fingerprint, name, backbone_digest(backbone), grid.params(), _transform_id(transform, transform_id))
     if cache is not None and not overwrite:
         hit = cache.load(fingerprint, key)
         if hit is not None:
@@ -254,7 +255,7 @@ def _grid_attrs(grid: TileGrid) -> dict[str, Any]:
 def slide_features(
     slide_path: "str | Path",
     backbone: nn.Module,
-    cache: "FeatureCache | str | Path | None" = None,
+    cache: "SlideFeatureStore | str | Path | None" = None,
     tiling: Optional[dict[str, Any]] = None,
     max_tiles: Optional[int] = None,
     seed: int = 0,
@@ -271,10 +272,10 @@ def slide_features(
     """
     tiling = dict(tiling or {})
     fingerprint = slide_fingerprint(slide_path)
-    cache = FeatureCache(cache) if isinstance(cache, (str, Path)) else cache
+    cache = SlideFeatureStore(cache) if isinstance(cache, (str, Path)) else cache
     name = _backbone_name(backbone)
     params = {"tiling": tiling, "max_tiles": max_tiles, "seed": seed if max_tiles else None}
-    key = FeatureCache.make_key(fingerprint, name, backbone_digest(backbone), params, _transform_id(transform, transform_id))
+    key = SlideFeatureStore.make_key(fingerprint, name, backbone_digest(backbone), params, _transform_id(transform, transform_id))
     if cache is not None:
         hit = cache.load(fingerprint, key)
         if hit is not None:

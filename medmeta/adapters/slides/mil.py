@@ -17,7 +17,8 @@ tasks) and take a single bag ``(N, D)``, a padded batch ``(B, N, D)`` or :class:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union, overload
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from medmeta.learners.base import Learner, Predictor
 from medmeta.learners.heads import check_labels, task_loss
+from medmeta.registry import Registry
 from medmeta.tasks import TaskDescription, TaskTarget
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "CLAMSB",
     "MIL_HEADS",
     "create_mil_head",
+    "list_mil_heads",
     "train_mil",
     "predict_mil",
     "MILLearner",
@@ -59,6 +62,12 @@ class Bags:
 
     def __len__(self) -> int:
         return len(self.bags)
+
+    @overload
+    def __getitem__(self, index: "int | np.integer") -> Tensor: ...
+
+    @overload
+    def __getitem__(self, index: "slice | Sequence[int] | np.ndarray | Tensor") -> "Bags": ...
 
     def __getitem__(self, index: Any) -> Union[Tensor, "Bags"]:
         if isinstance(index, (int, np.integer)):
@@ -124,6 +133,8 @@ class _MILHead(nn.Module):
     """Shared parts: input standardisation buffers (saved with the weights) and the loss."""
 
     num_outputs: int
+    input_mean: Tensor  # buffers registered by _embed
+    input_std: Tensor
 
     def _embed(self, in_features: int, hidden: int, dropout: float) -> nn.Module:
         self.register_buffer("input_mean", torch.zeros(in_features))
@@ -268,27 +279,54 @@ class CLAMSB(ABMIL):
         return self.bag_weight * bag_loss + (1 - self.bag_weight) * self.instance_loss(h, attn, mask, classes)
 
 
-MIL_HEADS: dict[str, Callable[..., _MILHead]] = {
-    "abmil": ABMIL,
-    "mean": lambda i, o, **kw: PoolMIL(i, o, pool="mean", **kw),
-    "max": lambda i, o, **kw: PoolMIL(i, o, pool="max", **kw),
-    "clam_sb": CLAMSB,
-}
+#: name -> MIL head class or factory ``fn(in_features, outputs, **kwargs)``
+MIL_HEADS: Registry[Callable[..., _MILHead]] = Registry("MIL head")
+MIL_HEADS.register("abmil", ABMIL)
+MIL_HEADS.register("mean", lambda i, o, **kw: PoolMIL(i, o, pool="mean", **kw))
+MIL_HEADS.register("max", lambda i, o, **kw: PoolMIL(i, o, pool="max", **kw))
+MIL_HEADS.register("clam_sb", CLAMSB)
+
+
+def list_mil_heads() -> list[str]:
+    """Registered MIL head names, sorted."""
+    return MIL_HEADS.names()
 
 
 def create_mil_head(name: str, in_features: int, task: "TaskDescription | int", **kwargs: Any) -> nn.Module:
     """A MIL head by name (``abmil``, ``mean``, ``max``, ``clam_sb``) sized for ``task``."""
-    if name not in MIL_HEADS:
-        raise ValueError(f"MIL head: unknown {name!r}; expected one of {sorted(MIL_HEADS)}")
     outputs = task.num_outputs if isinstance(task, TaskDescription) else int(task)
-    return MIL_HEADS[name](int(in_features), outputs, **kwargs)
+    head: nn.Module = MIL_HEADS.create(name, int(in_features), outputs, **kwargs)
+    return head
 
 
-def _subsample(bag: Tensor, max_instances: Optional[int], gen: torch.Generator) -> Tensor:
-    if max_instances is None or len(bag) <= max_instances:
-        return bag
-    idx = torch.randperm(len(bag), generator=gen)[:max_instances]
-    return bag[idx.to(bag.device)]
+class _BagItems:
+    """``(bag, label)`` items of a :class:`Bags`; with ``max_instances`` each read samples that many
+    instances of the bag, seeded by ``(seed, epoch, index)`` (the same draws however a run is resumed)."""
+
+    def __init__(self, bags: Bags, labels: Tensor, max_instances: Optional[int], seed: int) -> None:
+        self.bags, self.labels = bags, labels
+        self.max_instances = None if max_instances is None else int(max_instances)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        bag = self.bags.bags[index]
+        if self.max_instances is not None and len(bag) > self.max_instances:
+            from medmeta.training.loop import episode_seed
+
+            gen = torch.Generator().manual_seed(episode_seed(self.seed, "mil-instances", self.epoch, index))
+            bag = bag[torch.randperm(len(bag), generator=gen)[: self.max_instances].to(bag.device)]
+        return bag, self.labels[index]
+
+
+def _collate_bags(items: list[tuple[Tensor, Tensor]]) -> tuple[Bags, Tensor]:
+    return Bags([bag for bag, _ in items]), torch.stack([label for _, label in items])
 
 
 def train_mil(
@@ -304,13 +342,24 @@ def train_mil(
     seed: int = 0,
     device: "str | torch.device | None" = None,
     standardize: bool = True,
+    run_dir: "str | Path | None" = None,
+    resume: Optional[bool] = None,
+    checkpoint_every: Optional[int] = None,
 ) -> list[float]:
     """Train ``model`` on labelled bags (Adam, shuffled each epoch, seeded); returns epoch losses.
 
     ``labels`` follow the episode encoding (binary ``(N, 1)`` float, multi-class ``(N,)`` int);
-    ``max_instances`` samples that many instances of each bag per step (regularises, bounds time);
-    ``standardize`` sets the head's input statistics from the training bags first.
+    ``max_instances`` samples that many instances of each bag per epoch (regularises, bounds
+    time); ``standardize`` sets the head's input statistics from the training bags first.
+
+    Training runs through :class:`~medmeta.training.loop.TrainingLoop`
+    (:func:`~medmeta.adapters.slides.training.fit_single_process`): with ``run_dir`` it writes
+    ``checkpoints/last.pt`` every ``checkpoint_every`` steps (default: every epoch) and
+    ``metrics.csv`` (``train/loss`` of every step), and ``resume`` (None: when ``last.pt`` exists) continues an interrupted run
+    exactly, returning the losses of every epoch. Without ``run_dir`` nothing is kept.
     """
+    from medmeta.adapters.slides.training import BatchObjective, fit_single_process
+
     bags = bags if isinstance(bags, Bags) else Bags(list(bags))
     if len(bags) != len(labels):
         raise ValueError(f"train_mil: {len(bags)} bags for {len(labels)} labels")
@@ -319,26 +368,29 @@ def train_mil(
     check_labels(labels, description, where="train_mil labels")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).train()
-    if standardize and hasattr(model, "set_input_stats"):
-        model.set_input_stats(bags)
+    set_input_stats = getattr(model, "set_input_stats", None)
+    if standardize and callable(set_input_stats):
+        set_input_stats(bags)
+    bag_loss: Callable[..., Tensor] = getattr(model, "loss")  # a MIL head's loss(bags, labels, target)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    labels = labels.to(device)
-    history = []
-    for _ in range(int(epochs)):
-        order = torch.randperm(len(bags), generator=gen)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = Bags([_subsample(bags.bags[int(i)], max_instances, gen) for i in idx]).to(device)
-            loss = model.loss(batch if len(batch) > 1 else batch.bags[0], labels[idx.to(device)], description.task_target)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += float(loss.detach()) * len(idx)
-        history.append(total / len(bags))
+    target = description.task_target
+
+    def loss_fn(batch: tuple[Bags, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        x, y = batch[0].to(device), batch[1].to(device)
+        return bag_loss(x if len(x) > 1 else x.bags[0], y, target), {}
+
+    objective = BatchObjective(
+        _BagItems(bags, labels, max_instances, seed), loss_fn, batch_size, seed=seed, collate_fn=_collate_bags
+    )
+    settings = {**objective.settings(), "trainer": "train_mil", "lr": float(lr),
+                "weight_decay": float(weight_decay), "max_instances": max_instances, "standardize": bool(standardize)}
+    per_epoch = objective.num_batches
+    fit_single_process(
+        model, objective, optimiser, int(epochs) * per_epoch, device=device, run_dir=run_dir, resume=resume,
+        checkpoint_every=checkpoint_every or (per_epoch if run_dir is not None else None), settings=settings,
+    )
     model.eval()
-    return history
+    return objective.epoch_losses()
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medmeta.adapters.slides.backends import BACKENDS, available_backends, backend_class
+from medmeta.adapters.slides.backends import available_backends, backend_class, list_backends
 from medmeta.adapters.slides.backends.base import SlideReader, slide_fingerprint
 from medmeta.adapters.slides.errors import (
     NotPyramidalError,
@@ -30,7 +30,7 @@ from medmeta.adapters.slides.errors import (
     SlideTruncatedError,
 )
 
-__all__ = ["open_slide", "SlideReader", "slide_fingerprint", "available_backends", "is_tiff_file"]
+__all__ = ["open_slide", "SlideReader", "slide_fingerprint", "available_backends", "list_backends", "is_tiff_file"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -81,7 +81,7 @@ def open_slide(path: "str | Path", backend: str = "auto", **options: Any) -> Sli
     except SlideOpenError as err:
         raise SlideOpenError(
             f"slide {path}: not a recognised slide format (not TIFF/SVS; OpenSlide does not know it "
-            f"either; supported: {sorted(BACKENDS)})"
+            f"either; supported: {list_backends()})"
         ) from err
 
 

@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from medmeta.errors import UserError
+
 __all__ = ["MacenkoNormalizer", "StainNormalizationError", "estimate_stains", "REFERENCE_STAINS", "REFERENCE_MAX_CONC"]
 
 #: Columns: hematoxylin, eosin optical-density unit vectors (R, G, B rows).
@@ -23,7 +25,7 @@ REFERENCE_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581
 REFERENCE_MAX_CONC = np.array([1.9705, 1.0308])
 
 
-class StainNormalizationError(ValueError):
+class StainNormalizationError(UserError, ValueError):
     """Too few stained pixels to estimate stain vectors (a background tile, a blank image)."""
 
 

@@ -218,7 +218,7 @@ def detect_tissue(
         level = slide._check_level(level)
         rgb = slide.read_level(level)
     h, w = rgb.shape[:2]
-    ds = (w0 / w, h0 / h)
+    scale = (w0 / w, h0 / h)  # level-0 pixels per mask pixel, x and y
     rgb_f = rgb.astype(np.float32)
     if method == "saturation":
         mx, mn = rgb_f.max(axis=2), rgb_f.min(axis=2)
@@ -236,7 +236,7 @@ def detect_tissue(
     mask = channel > thr
     if closing_radius > 0 and mask.any():
         mask = ndimage.binary_closing(mask, structure=_disk(closing_radius), border_value=0)
-    px_area = ds[0] * ds[1]
+    px_area = scale[0] * scale[1]
     if min_object_area > 0 and mask.any():
         labels, n = ndimage.label(mask)
         sizes = np.bincount(labels.ravel(), minlength=n + 1) * px_area
@@ -253,4 +253,4 @@ def detect_tissue(
             small = sizes < float(fill_holes)
             small[0] = False
             mask = mask | small[holes]
-    return TissueMask(mask=mask, downsample=ds, slide_dimensions=(w0, h0), method=method, threshold=thr)
+    return TissueMask(mask=mask, downsample=scale, slide_dimensions=(w0, h0), method=method, threshold=thr)

@@ -38,7 +38,8 @@ from torch import nn
 from medmeta.adapters.slides.features import embed_tiles
 from medmeta.adapters.slides.mil import Bags, create_mil_head, predict_mil, train_mil
 from medmeta.adapters.slides.tiling import TileTransform, tile_slide
-from medmeta.io import write_text_atomic
+from medmeta.errors import DataFormatError, MissingDataError, exit_on_user_error
+from medmeta.io import load_torch_file, write_text_atomic
 from medmeta.training.checkpoint import atomic_torch_save
 
 __all__ = [
@@ -163,7 +164,7 @@ class MetadataEncoder:
     def check(self, df: pd.DataFrame, where: str) -> None:
         missing = [c for c in self.kinds if c not in df.columns]
         if missing:
-            raise ValueError(f"{where}: metadata column(s) {missing} missing; it has {list(df.columns)}")
+            raise DataFormatError(f"{where}: metadata column(s) {missing} missing; it has {list(df.columns)}")
 
     def transform(self, df: pd.DataFrame) -> np.ndarray:
         self.check(df, "metadata")
@@ -266,15 +267,15 @@ def load_visiomel_model(assets_dir: "str | Path", device: "str | torch.device" =
     assets_dir = Path(assets_dir)
     path = assets_dir / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"VisioMel model: {path} does not exist (train one with train_visiomel)")
+        raise MissingDataError(f"VisioMel model: {path} does not exist (train one with train_visiomel)")
     config = yaml.safe_load(path.read_text())
     if not isinstance(config, dict) or config.get("format") != "medmeta-visiomel-1":
-        raise ValueError(f"VisioMel model: {path} is not a medmeta-visiomel-1 model file")
+        raise DataFormatError(f"VisioMel model: {path} is not a medmeta-visiomel-1 model file")
     backbone = create_backbone(config["backbone"]["name"])
     backbone.load_weights(assets_dir / config["backbone"]["weights"])
     head_cfg = config["head"]
     head = create_mil_head(head_cfg["name"], backbone.num_features, int(head_cfg["num_outputs"]), **head_cfg["kwargs"])
-    state = torch.load(assets_dir / head_cfg["weights"], map_location="cpu", weights_only=True)
+    state = load_torch_file(assets_dir / head_cfg["weights"], "VisioMel head weights")
     head.load_state_dict(state)
     meta = MetadataEncoder.from_dict(config["metadata"]) if config.get("metadata") else None
     model = VisioMelModel(
@@ -440,10 +441,10 @@ def run(
     report_path = Path(report) if report is not None else output.with_name(output.stem + "_report.json")
     fmt_path, meta_path = data_dir / "submission_format.csv", data_dir / "test_metadata.csv"
     if not fmt_path.is_file():
-        raise FileNotFoundError(f"VisioMel runner: {fmt_path} does not exist")
+        raise MissingDataError(f"VisioMel runner: {fmt_path} does not exist")
     fmt = pd.read_csv(fmt_path, dtype={"filename": str})
     if "filename" not in fmt.columns or len(fmt.columns) != 2:
-        raise ValueError(f"VisioMel runner: {fmt_path} must have columns 'filename' and one target; it has {list(fmt.columns)}")
+        raise DataFormatError(f"VisioMel runner: {fmt_path} must have columns 'filename' and one target; it has {list(fmt.columns)}")
     target = fmt.columns[1]
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model = load_visiomel_model(assets_dir, dev)
@@ -457,7 +458,7 @@ def run(
             meta = pd.read_csv(meta_path, dtype={"filename": str})
             try:
                 if "filename" not in meta.columns:
-                    raise ValueError(f"{meta_path.name}: no 'filename' column")
+                    raise DataFormatError(f"{meta_path.name}: no 'filename' column")
                 encoded = model.metadata.transform(meta)
                 meta_rows = {str(f): encoded[i] for i, f in enumerate(meta["filename"])}
             except ValueError as err:
@@ -487,7 +488,7 @@ def run(
             try:
                 path = data_dir / name
                 if not path.is_file():
-                    raise FileNotFoundError(f"slide file {name} is listed in the format but missing from the data folder")
+                    raise MissingDataError(f"slide file {name} is listed in the format but missing from the data folder")
                 t_tile = time.monotonic()
                 grid = tile_slide(path, backend=backend, **model.tiling)
                 tiling_seconds = time.monotonic() - t_tile
@@ -561,15 +562,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Library loggers may mention slide properties (data values): keep them quiet here.
     logging.getLogger("medmeta").setLevel(logging.WARNING)
     log.setLevel(args.log_level.upper())
-    try:
-        run(
-            args.data_dir, args.assets, args.output, report=args.report, time_budget=args.time_budget,
-            device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
-            max_tiles=args.max_tiles, seed=args.seed, backend=args.backend,
-        )
-    except (FileNotFoundError, ValueError) as err:  # a missing/invalid data folder or model: one clear line
-        log.error("VisioMel runner stopped: %s", err)
-        return 2
+    # a missing/invalid data folder or model: one clear line, exit status 2
+    exit_on_user_error(
+        "medmeta-visiomel", run,
+        args.data_dir, args.assets, args.output, report=args.report, time_budget=args.time_budget,
+        device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
+        max_tiles=args.max_tiles, seed=args.seed, backend=args.backend,
+    )
     return 0
 
 

@@ -144,10 +144,14 @@ def test_command_reports_bad_input_in_one_line(tmp_path, capsys):
     anns.mkdir()
     _write(anns / "a.json", [{"x": 0, "y": 0, "w": 100, "h": 100, "class": "roi"}])
     _write(sub / "ghost.json", [{"x": 1, "y": 2, "w": 3, "h": 4, "p": 0.5}])
-    assert main(["score", "--submission", str(sub), "--annotations", str(anns)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--submission", str(sub), "--annotations", str(anns)])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("medmeta-detect score: error: ") and "ghost.json" in err and "Traceback" not in err
-    assert main(["predict", "--checkpoint", str(tmp_path / "d.pt"), "--slides", str(tmp_path / "none"),
-                 "--out", str(sub)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--checkpoint", str(tmp_path / "d.pt"), "--slides", str(tmp_path / "none"),
+              "--out", str(sub)])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "detector checkpoint" in err and "d.pt does not exist" in err

@@ -14,7 +14,7 @@ import pytest
 from medmeta.adapters.segmentation.flare import _pick_slices, list_cases, main, pair_cases, run_flare
 from medmeta.adapters.segmentation.metrics import dice
 from medmeta.adapters.segmentation.volumes import write_volume
-from medmeta.data.errors import DataFormatError
+from medmeta.errors import DataFormatError
 
 
 def test_runner_writes_masks_with_input_geometry_and_report(synthetic_ct_dir, tmp_path, intensity_learner):
@@ -78,6 +78,14 @@ def test_support_shots_cover_every_label():
     assert len(_pick_slices(np.arange(100, 110), presence, 1)) == 3  # coverage wins over k
 
 
+def _exit_status(argv: list[str], learner) -> object:
+    """``main``'s exit status, whether it returns it or exits with it (``SystemExit``)."""
+    try:
+        return main(argv, learner=learner)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
 def test_bad_inputs_give_clear_errors(synthetic_ct_dir, tmp_path, intensity_learner, capsys):
     inputs = tmp_path / "inputs"
     shutil.copytree(synthetic_ct_dir / "images", inputs)
@@ -86,7 +94,7 @@ def test_bad_inputs_give_clear_errors(synthetic_ct_dir, tmp_path, intensity_lear
         list_cases(inputs)
     args = ["--input", str(inputs), "--output", str(tmp_path / "out"), "--support-images",
             str(synthetic_ct_dir / "images"), "--support-labels", str(synthetic_ct_dir / "labels")]
-    assert main(args, learner=intensity_learner) == 2
+    assert _exit_status(args, intensity_learner) == 2
     assert "readme.txt: not a NIfTI file" in capsys.readouterr().err
     # a support label whose shape differs from its image
     labels = tmp_path / "labels"
@@ -97,7 +105,7 @@ def test_bad_inputs_give_clear_errors(synthetic_ct_dir, tmp_path, intensity_lear
     write_volume(labels / "case_000.nii.gz", np.zeros((40, 40, 15), np.uint8), image.affine)
     args = ["--input", str(synthetic_ct_dir / "images"), "--output", str(tmp_path / "out"), "--support-images",
             str(synthetic_ct_dir / "images"), "--support-labels", str(labels)]
-    assert main(args, learner=intensity_learner) == 2
+    assert _exit_status(args, intensity_learner) == 2
     err = capsys.readouterr().err
     assert "case_000.nii.gz: label shape (40, 40, 15) differs from image shape (40, 40, 16)" in err
     (labels / "case_001.nii.gz").unlink()

@@ -17,8 +17,8 @@ from medmeta.adapters.segmentation.slices import (
 )
 from medmeta.adapters.segmentation.synthetic_ct import FLARE_LABELS
 from medmeta.adapters.segmentation.volumes import read_volume
-from medmeta.data.errors import DataFormatError
 from medmeta.data.info import read_info
+from medmeta.errors import DataFormatError
 from medmeta.tasks import TaskTarget
 
 

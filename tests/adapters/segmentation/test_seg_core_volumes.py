@@ -18,7 +18,7 @@ from medmeta.adapters.segmentation.volumes import (
     window_ct,
     write_volume,
 )
-from medmeta.data.errors import DataFormatError, MissingDataError
+from medmeta.errors import DataFormatError, MissingDataError
 
 
 def test_write_read_keeps_geometry(tmp_path):

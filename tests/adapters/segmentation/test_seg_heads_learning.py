@@ -4,11 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from seg_heads_fixtures import dice, nuclei_episode
 
 from medmeta.adapters.segmentation.heads import create_segmenter
 from medmeta.backbones import create_backbone
-
-from seg_heads_fixtures import dice, nuclei_episode
 
 
 def _baselines(s_img, s_mask, q_img, q_mask) -> dict[str, float]:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from seg_heads_fixtures import IdentityBackbone
 
 from medmeta.adapters.segmentation.heads import (
     LinearProbeSegmenter,
@@ -22,8 +23,6 @@ from medmeta.adapters.segmentation.heads import (
 from medmeta.adapters.segmentation.heads.linear import hypercolumns_at
 from medmeta.backbones import create_backbone
 from medmeta.tasks import Episode, TaskDescription
-
-from seg_heads_fixtures import IdentityBackbone
 
 # support features (channels last) [[(1,0), (0,1)], [(1,1), (2,0)]], foreground on the diagonal
 SUPPORT = torch.tensor([[[1.0, 0.0], [1.0, 2.0]], [[0.0, 1.0], [1.0, 0.0]]])[None]  # (1, 2, 2, 2)
@@ -192,7 +191,7 @@ def test_bad_support_gives_clear_errors(name, tiny_episode):
 def test_registry_and_constructor_errors():
     bb = create_backbone("medmeta_conv4_tiny", out_indices=(0,))
     assert list_segmenters() == ["linear", "prototype", "unet"]
-    with pytest.raises(ValueError, match="unknown name 'fcn'"):
+    with pytest.raises(ValueError, match="unknown segmenter 'fcn'; known segmenters: 'linear', 'prototype', 'unet'"):
         create_segmenter("fcn", bb)
     with pytest.raises(ValueError, match="levels: 3 is not a feature level"):
         create_segmenter("prototype", bb, levels=[3])

@@ -211,7 +211,9 @@ def test_runner_bad_input_errors(trained, tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="submission_format.csv does not exist"):
         vm.run(tmp_path, trained.assets, tmp_path / "s.csv")
     # the command prints one clear line and exits with status 2
-    assert vm.main(["--data-dir", str(tmp_path), "--assets", str(trained.assets), "--output", str(tmp_path / "s.csv")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        vm.main(["--data-dir", str(tmp_path), "--assets", str(trained.assets), "--output", str(tmp_path / "s.csv")])
+    assert exit_info.value.code == 2
     assert "submission_format.csv does not exist" in caplog.text
     pd.DataFrame({"name": ["a.tif"], "relapse": [0.5]}).to_csv(tmp_path / "submission_format.csv", index=False)
     with pytest.raises(ValueError, match="submission_format.csv must have columns 'filename'"):
@@ -233,7 +235,7 @@ def test_time_budget_is_met_by_sampling_tiles(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(vm, "embed_tiles", embed)
     monkeypatch.setattr(vm, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    full = vm.run(data, trained.assets, tmp_path / "full.csv", device="cpu", time_budget=1e6)
+    vm.run(data, trained.assets, tmp_path / "full.csv", device="cpu", time_budget=1e6)
     full_entries = json.loads((tmp_path / "full_report.json").read_text())["slides"]
     full_tiles = [e["tiles"] for e in full_entries]
     assert not any(e["sampled"] for e in full_entries)

@@ -34,7 +34,9 @@ from medmeta.adapters.segmentation.heads.common import (
 )
 from medmeta.adapters.segmentation.heads.linear import LinearProbeSegmenter
 from medmeta.adapters.segmentation.heads.prototype import PrototypeSegmenter
-from medmeta.adapters.segmentation.heads.unet import UNetDecoder, UNetSegmenter, meta_train
+from medmeta.adapters.segmentation.heads.unet import UNetDecoder, UNetSegmenter
+from medmeta.adapters.segmentation.meta_training import meta_train
+from medmeta.registry import Registry
 
 __all__ = [
     "SegmentationEpisode",
@@ -45,6 +47,7 @@ __all__ = [
     "LinearProbeSegmenter",
     "UNetDecoder",
     "UNetSegmenter",
+    "SEGMENTERS",
     "create_segmenter",
     "register_segmenter",
     "list_segmenters",
@@ -57,26 +60,25 @@ __all__ = [
     "soft_dice_loss",
 ]
 
-_SEGMENTERS: dict[str, Callable[..., SegmentationLearner]] = {
-    "prototype": PrototypeSegmenter,
-    "linear": LinearProbeSegmenter,
-    "unet": UNetSegmenter,
-}
+#: name -> segmentation head class or factory ``fn(backbone, **kwargs)``
+SEGMENTERS: Registry[Callable[..., SegmentationLearner]] = Registry("segmenter")
+SEGMENTERS.register("prototype", PrototypeSegmenter)
+SEGMENTERS.register("linear", LinearProbeSegmenter)
+SEGMENTERS.register("unet", UNetSegmenter)
 
 
 def register_segmenter(name: str, factory: Callable[..., SegmentationLearner]) -> None:
     """Register ``factory(backbone, **kwargs)`` under ``name`` (an existing name is an error)."""
-    if name in _SEGMENTERS:
-        raise ValueError(f"segmenter {name!r} is already registered")
-    _SEGMENTERS[name] = factory
+    SEGMENTERS.register(name, factory)
 
 
 def list_segmenters() -> list[str]:
-    return sorted(_SEGMENTERS)
+    """Registered segmentation head names, sorted."""
+    return SEGMENTERS.names()
 
 
 def create_segmenter(name: str, backbone: nn.Module, **kwargs: Any) -> SegmentationLearner:
-    """Build the segmentation head ``name`` on ``backbone``; ``kwargs`` go to its constructor."""
-    if name not in _SEGMENTERS:
-        raise ValueError(f"segmenter: unknown name {name!r}; choose one of {list_segmenters()}")
-    return _SEGMENTERS[name](backbone, **kwargs)
+    """Build the segmentation head ``name`` on ``backbone``; ``kwargs`` go to its constructor. An
+    unknown name lists the known ones (:class:`~medmeta.errors.UnknownNameError`)."""
+    segmenter: SegmentationLearner = SEGMENTERS.create(name, backbone, **kwargs)
+    return segmenter

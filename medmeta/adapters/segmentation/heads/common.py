@@ -37,6 +37,8 @@ __all__ = [
     "autocast",
     "eval_mode",
     "resolve_levels",
+    "dense_features",
+    "feature_channels",
     "as_segmentation_episode",
 ]
 
@@ -189,9 +191,21 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def dense_features(backbone: nn.Module, images: Tensor) -> list[Tensor]:
+    """``backbone.dense_features(images)``: the feature maps, shallow to deep (a backbone that
+    :class:`SegmentationLearner` accepted has the method)."""
+    method: Callable[[Tensor], list[Tensor]] = getattr(backbone, "dense_features")
+    return method(images)
+
+
+def feature_channels(backbone: nn.Module) -> list[int]:
+    """``backbone.feature_channels``: the channels of every feature level, shallow to deep."""
+    return [int(c) for c in getattr(backbone, "feature_channels")]
+
+
 def resolve_levels(backbone: nn.Module, levels: Optional[Sequence[int]]) -> list[int]:
     """Positions in ``backbone.feature_channels`` to use (all when ``None``); negative ok."""
-    n = len(backbone.feature_channels)
+    n = len(feature_channels(backbone))
     if levels is None:
         return list(range(n))
     out = []
@@ -279,7 +293,7 @@ class SegmentationLearner(nn.Module):
         """Backbone feature maps at ``levels`` (float32), backbone in eval mode."""
         ctx = nullcontext() if grad else torch.no_grad()
         with ctx, eval_mode(self.backbone), autocast(images.device, self.amp, self.amp_dtype):
-            maps = self.backbone.dense_features(images)
+            maps = dense_features(self.backbone, images)
         return [maps[i].float() for i in levels]
 
 

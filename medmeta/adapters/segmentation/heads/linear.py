@@ -130,7 +130,7 @@ class LinearProbeSegmenter(SegmentationLearner):
         pixels = sample_support_pixels(
             support.masks, k if not support.multilabel else num_labels, self.max_pixels_per_class, gen, support.multilabel
         )
-        x = hypercolumns_at(maps, pixels, tuple(support.images.shape[-2:]))
+        x = hypercolumns_at(maps, pixels, (support.images.shape[-2], support.images.shape[-1]))
         s, yy, xx = pixels.unbind(1)
         if support.multilabel:
             y = support.masks[s, :, yy, xx]  # (N, L)

@@ -158,7 +158,7 @@ class PrototypeSegmenter(SegmentationLearner):
 
     def class_prototypes(self, features: Tensor, targets: Tensor) -> list[Tensor]:
         """Prototype sets of the ``K`` classes in ``targets (S, K, H, W)`` (0/1 or soft)."""
-        weights = F.adaptive_avg_pool2d(targets.float(), features.shape[-2:])
+        weights = F.adaptive_avg_pool2d(targets.float(), (features.shape[-2], features.shape[-1]))
         protos = [p[None] for p in masked_average_prototypes(features, weights)]
         if self.local_prototypes:
             local = local_prototypes(features, weights, self.grid_size, self.local_threshold)
@@ -228,7 +228,7 @@ class PrototypeSegmenter(SegmentationLearner):
             pred = (query_logits.detach() > 0).float()
         else:
             pred = F.one_hot(query_logits.detach().argmax(1), support.num_outputs).permute(0, 3, 1, 2).float()
-        weights = F.adaptive_avg_pool2d(pred, q_feat.shape[-2:])
+        weights = F.adaptive_avg_pool2d(pred, (q_feat.shape[-2], q_feat.shape[-1]))
         present = weights.sum(dim=(0, 2, 3)) > 0
         if support.multilabel:
             present = present & ((1 - weights).sum(dim=(0, 2, 3)) > 0)

@@ -15,20 +15,20 @@ et al., "Meta-Dataset", ICLR 2020: ``W_k = 2 p_k``, ``b_k = -|p_k|^2``) or at ze
   class-balanced cross-entropy plus soft Dice; the learner's own parameters never change.
 * :meth:`UNetSegmenter.meta_loss` is MAML on the decoder (Finn et al., ICML 2017), first-order
   by default (FOMAML), or ANIL (Raghu et al., "Rapid Learning or Feature Reuse?", ICLR 2020:
-  only the head adapts in the inner loop) with ``meta_algorithm="anil"``; the inner loop uses
-  ``torch.func.grad`` and ``functional_call`` on a dict of parameters. The backbone is frozen
-  during meta-training: only the decoder is meta-learned.
-* :func:`meta_train` is a short outer loop (Adam on ``meta_loss``) for any learner with one.
+  only the head adapts in the inner loop) with ``meta_algorithm="anil"``; the inner loop is
+  medmeta's one MAML inner loop (:func:`medmeta.learners.maml.inner_loop`) on dicts of decoder
+  and head parameters. The backbone is frozen during meta-training: only the decoder is
+  meta-learned (:func:`medmeta.adapters.segmentation.meta_training.meta_train`).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.func import functional_call
 
 from medmeta.adapters.segmentation.heads.common import (
     SegmentationLearner,
@@ -38,13 +38,16 @@ from medmeta.adapters.segmentation.heads.common import (
     autocast,
     check_query_images,
     check_support_set,
+    dense_features,
     eval_mode,
+    feature_channels,
     resolve_levels,
     segmentation_loss,
     soft_dice_loss,
 )
+from medmeta.learners.maml import inner_loop as maml_inner_loop
 
-__all__ = ["UNetDecoder", "UNetSegmenter", "meta_train", "prototype_head", "META_ALGORITHMS", "HEAD_INITS", "NORMS"]
+__all__ = ["UNetDecoder", "UNetSegmenter", "prototype_head", "META_ALGORITHMS", "HEAD_INITS", "NORMS"]
 
 META_ALGORITHMS = ("fomaml", "maml", "anil")
 HEAD_INITS = ("prototype", "zero")
@@ -133,7 +136,7 @@ class _DenseFeatures(nn.Module):
         self.backbone = backbone
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return self.backbone.dense_features(x)
+        return dense_features(self.backbone, x)
 
 
 def _dihedral(x: Tensor, t: int) -> Tensor:
@@ -221,7 +224,7 @@ class UNetSegmenter(SegmentationLearner):
         self.levels = resolve_levels(backbone, levels)
         self.image_channels = int(image_channels) if image_skip else 0
         self.decoder = UNetDecoder(
-            [backbone.feature_channels[i] for i in self.levels], decoder_channels, embed_dim, self.image_channels, norm
+            [feature_channels(backbone)[i] for i in self.levels], decoder_channels, embed_dim, self.image_channels, norm
         )
         self.head_init = head_init
         self.finetune_steps, self.finetune_lr, self.optimizer = int(finetune_steps), float(finetune_lr), optimizer
@@ -320,33 +323,26 @@ class UNetSegmenter(SegmentationLearner):
         """``inner_steps`` SGD steps from ``params`` (decoder) on the support loss.
 
         Returns the adapted decoder parameters and head. MAML/FOMAML adapt decoder and head,
-        ANIL only the head; FOMAML and ANIL treat the inner gradients as constants.
+        ANIL only the head; FOMAML and ANIL treat the inner gradients as constants. The steps
+        are :func:`medmeta.learners.maml.inner_loop`'s.
         """
-        second_order = self.meta_algorithm == "maml"
         feats = [f.detach() for f in feats]
         emb = self.embed(params, feats, support.images)
         w, b = self._init_head(emb, support)
         head = {"weight": w, "bias": b}
         if self.meta_algorithm == "anil":
 
-            def head_loss(h: Params, e: Tensor) -> Tensor:
-                return self._loss(_head_logits(e, h["weight"], h["bias"]), support)
+            def head_loss(h: Params) -> Tensor:
+                return self._loss(_head_logits(emb, h["weight"], h["bias"]), support)
 
-            for _ in range(self.inner_steps):
-                g = grad(head_loss)(head, emb)
-                head = {k: v - self.inner_lr * g[k].detach() for k, v in head.items()}
+            (head,) = maml_inner_loop(head_loss, (head,), self.inner_steps, self.inner_lr, first_order=True)
             return params, head
 
         def full_loss(p: Params, h: Params) -> Tensor:
             return self._loss(_head_logits(self.embed(p, feats, support.images), h["weight"], h["bias"]), support)
 
-        for _ in range(self.inner_steps):
-            gp, gh = grad(full_loss, argnums=(0, 1))(params, head)
-            if not second_order:
-                gp = {k: v.detach() for k, v in gp.items()}
-                gh = {k: v.detach() for k, v in gh.items()}
-            params = {k: v - self.inner_lr * gp[k] for k, v in params.items()}
-            head = {k: v - self.inner_lr * gh[k] for k, v in head.items()}
+        first_order = self.meta_algorithm != "maml"
+        params, head = maml_inner_loop(full_loss, (params, head), self.inner_steps, self.inner_lr, first_order)
         return params, head
 
     def meta_loss(self, episodes: Sequence[Any]) -> Tensor:
@@ -368,46 +364,3 @@ class UNetSegmenter(SegmentationLearner):
             raise ValueError("meta_loss: no episodes")
         return torch.stack(losses).mean()
 
-
-def meta_train(
-    learner: nn.Module,
-    episodes: Union[Callable[[], Sequence[Any]], Iterable[Sequence[Any]]],
-    steps: int,
-    lr: float = 1e-3,
-    parameters: Optional[Iterable[Tensor]] = None,
-    max_grad_norm: Optional[float] = None,
-) -> list[float]:
-    """Meta-train ``learner`` with Adam on ``learner.meta_loss`` for ``steps`` meta-batches.
-
-    ``episodes`` is a callable returning a batch of episodes, or an iterable of batches.
-    ``parameters`` defaults to the learner's trainable parameters outside its backbone (the
-    decoder, for :class:`UNetSegmenter`). Returns the loss of every step.
-    """
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
-    if parameters is None:
-        parameters = [p for n, p in learner.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    params = list(parameters)
-    if not params:
-        raise ValueError("meta_train: no parameters to train (pass parameters=...)")
-    opt = torch.optim.Adam(params, lr=lr)
-    batches = iter(episodes) if not callable(episodes) else None
-    history: list[float] = []
-    for step in range(steps):
-        if batches is None:
-            batch = episodes()  # type: ignore[operator]
-        else:
-            try:
-                batch = next(batches)
-            except StopIteration as err:
-                raise ValueError(f"meta_train: the episode iterable ran out after {step} of {steps} steps") from err
-        opt.zero_grad(set_to_none=True)
-        loss = learner.meta_loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"meta_train: non-finite meta-loss {float(loss)} at step {step}")
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        history.append(float(loss.detach()))
-    return history

@@ -21,9 +21,12 @@ from PIL import Image
 
 from medmeta.adapters.slides.errors import SlideOpenError
 
-__all__ = ["SlideReader", "slide_fingerprint", "composite_rgba_on_white", "TileSize"]
+__all__ = ["SlideReader", "slide_fingerprint", "composite_rgba_on_white", "TileSize", "DEFAULT_CACHE_BYTES"]
 
 TileSize = Optional[tuple[int, int]]
+
+#: The decoded-tile cache budget of one reader unless ``cache_bytes`` says otherwise.
+DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 
 #: Bytes of the file's start hashed into the fingerprint (the TIFF header and, for files written
 #: front to back, the IFDs) and of its end (where some writers put the IFDs).
@@ -73,15 +76,22 @@ class SlideReader(ABC):
     ``_tile_sizes`` and ``properties`` in ``__init__`` and implement :meth:`_read_level` (a
     region in *level* pixel coordinates, always inside the level) and :meth:`_open` /
     :meth:`_close` for the file handles.
+
+    Every backend takes the same options, the ones :func:`~medmeta.adapters.slides.reader.open_slide`
+    passes on: ``(path, cache_bytes=DEFAULT_CACHE_BYTES)``, the byte budget of the reader's
+    decoded-tile cache (backends whose library keeps its own cache accept it and say so).
     """
 
     backend: str = ""
     #: Levels up to this many pixels are read whole for a thumbnail; larger ones in strips.
     thumbnail_whole_level_pixels: int = 64 * 1024 * 1024
 
-    def __init__(self, path: "str | Path", **options: Any) -> None:
+    def __init__(self, path: "str | Path", cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.path = Path(path)
-        self._options = dict(options)
+        if int(cache_bytes) < 0:
+            raise ValueError(f"slide {self.path}: cache_bytes must be >= 0, got {cache_bytes}")
+        self.cache_bytes = int(cache_bytes)
+        self._options: dict[str, Any] = {"cache_bytes": self.cache_bytes}
         self._level_dimensions: tuple[tuple[int, int], ...] = ()
         self._level_downsamples: tuple[float, ...] = ()
         self._mpp: Optional[tuple[float, float]] = None

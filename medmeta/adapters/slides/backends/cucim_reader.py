@@ -3,7 +3,9 @@ plus ``click`` and ``lazy_loader``).
 
 cuCIM reads Aperio SVS and tiled TIFF pyramids stored as pages with its own fast decoder; like
 OpenSlide it sees a sub-IFD pyramid as a single level. Microns per pixel come from cuCIM's
-spacing (micrometre units) or the Aperio ``MPP`` field.
+spacing (micrometre units) or the Aperio ``MPP`` field. cuCIM's tile cache is process-wide
+(``CuImage.cache(...)``), not per reader: the reader accepts ``cache_bytes`` like every backend
+and leaves that cache as configured.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medmeta.adapters.slides.backends.base import SlideReader, composite_rgba_on_white
+from medmeta.adapters.slides.backends.base import DEFAULT_CACHE_BYTES, SlideReader, composite_rgba_on_white
 from medmeta.adapters.slides.backends.openslide_reader import _level0
 from medmeta.adapters.slides.errors import BackendUnavailableError, SlideOpenError, SlideReadError
 
@@ -22,8 +24,8 @@ __all__ = ["CucimReader"]
 class CucimReader(SlideReader):
     backend = "cucim"
 
-    def __init__(self, path: "str | Path") -> None:
-        super().__init__(path)
+    def __init__(self, path: "str | Path", cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        super().__init__(path, cache_bytes=cache_bytes)
         if not self.path.is_file():
             raise SlideOpenError(f"slide {self.path}: file does not exist")
         self._image = self._open_handle()

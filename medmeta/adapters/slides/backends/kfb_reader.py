@@ -2,13 +2,15 @@
 
 ``kfbslide`` follows OpenSlide's Python API, so this backend is the OpenSlide adapter over a
 ``kfbslide.OpenSlide`` handle; ``kfbslide`` reopens its file after a fork by itself and keeps a
-bounded per-instance tile cache.
+bounded per-instance tile cache of its own size (its ``set_cache`` is a no-op), so the reader
+accepts ``cache_bytes`` like every backend but kfbslide does not use it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from medmeta.adapters.slides.backends.base import DEFAULT_CACHE_BYTES
 from medmeta.adapters.slides.backends.openslide_reader import OpenSlideAPIReader
 from medmeta.adapters.slides.errors import BackendUnavailableError, SlideOpenError
 
@@ -18,8 +20,8 @@ __all__ = ["KfbReader"]
 class KfbReader(OpenSlideAPIReader):
     backend = "kfb"
 
-    def __init__(self, path: "str | Path") -> None:
-        super().__init__(path)
+    def __init__(self, path: "str | Path", cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        super().__init__(path, cache_bytes=cache_bytes)
         self.vendor = "kfbio"
 
     def _open_handle(self) -> Any:

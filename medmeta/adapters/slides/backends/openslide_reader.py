@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from medmeta.adapters.slides.backends.base import SlideReader, composite_rgba_on_white
+from medmeta.adapters.slides.backends.base import DEFAULT_CACHE_BYTES, SlideReader, composite_rgba_on_white
 from medmeta.adapters.slides.errors import (
     BackendUnavailableError,
     SlideFormatError,
@@ -38,8 +38,8 @@ def _float_property(props: Any, key: str) -> Optional[float]:
 class OpenSlideAPIReader(SlideReader):
     """A reader over an object with OpenSlide's API (``read_region``, ``level_dimensions``...)."""
 
-    def __init__(self, path: "str | Path", **options: Any) -> None:
-        super().__init__(path, **options)
+    def __init__(self, path: "str | Path", cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        super().__init__(path, cache_bytes=cache_bytes)
         if not self.path.is_file():
             raise SlideOpenError(f"slide {self.path}: file does not exist")
         self._slide = self._open_handle()
@@ -104,7 +104,7 @@ class OpenSlideReader(OpenSlideAPIReader):
 
     backend = "openslide"
 
-    def __init__(self, path: "str | Path", cache_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, path: "str | Path", cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         super().__init__(path, cache_bytes=cache_bytes)
         self.vendor = self.properties.get("openslide.vendor", "")
 
@@ -128,6 +128,5 @@ class OpenSlideReader(OpenSlideAPIReader):
             raise SlideOpenError(f"slide {self.path}: OpenSlide does not recognise this file format") from err
         except openslide.OpenSlideError as err:
             raise SlideFormatError(f"slide {self.path}: OpenSlide cannot open it, damaged or truncated? ({err})") from err
-        cache_bytes = int(self._options.get("cache_bytes", 32 * 1024 * 1024))
-        slide.set_cache(openslide.OpenSlideCache(cache_bytes))
+        slide.set_cache(openslide.OpenSlideCache(self.cache_bytes))
         return slide

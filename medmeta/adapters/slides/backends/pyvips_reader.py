@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from medmeta.adapters.slides.backends.base import SlideReader, composite_rgba_on_white
+from medmeta.adapters.slides.backends.base import DEFAULT_CACHE_BYTES, SlideReader, composite_rgba_on_white
 from medmeta.adapters.slides.backends.tiff_pyramid import read_tiff_pyramid
 from medmeta.adapters.slides.errors import BackendUnavailableError, SlideReadError
 
@@ -35,7 +35,7 @@ class PyvipsReader(SlideReader):
 
     backend = "pyvips"
 
-    def __init__(self, path: "str | Path", cache_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, path: "str | Path", cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         super().__init__(path, cache_bytes=cache_bytes)
         self._pyvips = _import_pyvips()
         pyramid = read_tiff_pyramid(self.path)

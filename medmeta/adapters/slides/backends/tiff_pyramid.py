@@ -166,7 +166,7 @@ def read_tiff_pyramid(path: "str | Path", allow_vendor: bool = False) -> TiffPyr
         is_svs = bool(tif.is_svs)
         candidates: list[tuple[tuple[str, int], Any]] = []
         try:
-            pages = list(tif.pages)
+            pages: list[Any] = list(tif.pages)  # TiffPage, or TiffFrame (no tags of its own; skipped)
         except Exception as err:
             raise SlideTruncatedError(f"slide {path}: TIFF directories cannot be read, file damaged or truncated ({err})") from err
         for i, page in enumerate(pages):

@@ -15,11 +15,11 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
 import numpy as np
 
-from medmeta.adapters.slides.backends.base import SlideReader
+from medmeta.adapters.slides.backends.base import DEFAULT_CACHE_BYTES, SlideReader
 from medmeta.adapters.slides.backends.tiff_pyramid import TiffLevel, read_tiff_pyramid
 from medmeta.adapters.slides.errors import SlideReadError
 
@@ -74,7 +74,7 @@ class TifffileReader(SlideReader):
 
     backend = "tifffile"
 
-    def __init__(self, path: "str | Path", cache_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, path: "str | Path", cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         super().__init__(path, cache_bytes=cache_bytes)
         pyramid = read_tiff_pyramid(self.path)
         self._levels: list[TiffLevel] = pyramid.levels
@@ -91,7 +91,7 @@ class TifffileReader(SlideReader):
         self.vendor = pyramid.vendor
         self._cache = TileCache(cache_bytes)
         self._lock = threading.Lock()
-        self._fh = None
+        self._fh: Optional[BinaryIO] = None
         self._fd = -1
         self._open()
 
@@ -127,6 +127,7 @@ class TifffileReader(SlideReader):
         if self._fd >= 0:
             data = os.pread(self._fd, count, offset)
         else:  # pragma: no cover
+            assert self._fh is not None
             with self._lock:
                 self._fh.seek(offset)
                 data = self._fh.read(count)

@@ -20,8 +20,7 @@ Heavy modules (torch, torchvision, the slide reader) load on first use of their 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medmeta.registry import lazy_exports
 
 _EXPORTS = {
     "AnnotationError": "annotations", "SlideAnnotation": "annotations", "read_annotation": "annotations",
@@ -42,8 +41,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from medmeta.errors import MissingDataError, UserError
 from medmeta.io import write_text_atomic
 
 __all__ = [
@@ -49,7 +50,7 @@ ROI_RULES = ("center", "inside")
 _ANNOTATION_SUFFIXES = (".json",)
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """A malformed annotation or prediction file; the message names the file and the entry."""
 
 
@@ -100,7 +101,7 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
 
 
-def boxes_in_roi(boxes: np.ndarray, roi: Sequence[float], rule: str = "center") -> np.ndarray:
+def boxes_in_roi(boxes: np.ndarray, roi: "Sequence[float] | np.ndarray", rule: str = "center") -> np.ndarray:
     """Boolean mask of the ``xywh`` boxes that belong to one ``xywh`` ROI.
 
     ``rule="center"``: the box centre lies inside the ROI (half-open: ``x <= cx < x + w``), the
@@ -132,7 +133,7 @@ def _num(v: float) -> "int | float":
 
 def _load_json_list(path: Path, what: str) -> list:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
+        raise MissingDataError(f"{what} file {path} does not exist")
     try:
         with open(path, "r", encoding="utf-8") as fh:
             data = json.load(fh)
@@ -195,7 +196,9 @@ def read_annotation(
     """
     path = Path(path)
     data = _load_json_list(path, "annotation")
-    rois, cells, cell_entries = [], [], []
+    rois: list[tuple[float, float, float, float]] = []
+    cells: list[tuple[float, float, float, float]] = []
+    cell_entries: list[int] = []
     for i, entry in enumerate(data):
         box = _check_box(entry, i, path, "class", slide_size)
         cls = entry["class"]
@@ -222,7 +225,7 @@ def read_annotation_folder(
     """All ``*.json`` annotations of a folder, keyed by slide id (file stem)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"annotation folder {folder} does not exist")
+        raise MissingDataError(f"annotation folder {folder} does not exist")
     out = {}
     for p in sorted(folder.glob("*.json")):
         size = None if slide_sizes is None else slide_sizes.get(p.stem)
@@ -303,7 +306,7 @@ def read_submission(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"submission folder {folder} does not exist")
+        raise MissingDataError(f"submission folder {folder} does not exist")
     known = list(dict.fromkeys(slide_ids))
     known_set = set(known)
     files = {p.stem: p for p in sorted(folder.glob("*.json"))}
@@ -322,5 +325,5 @@ def read_submission(
         elif allow_missing:
             out[sid] = (np.zeros((0, 4)), np.zeros(0))
         else:
-            raise FileNotFoundError(f"submission folder {folder}: no prediction file {sid}.json")
+            raise MissingDataError(f"submission folder {folder}: no prediction file {sid}.json")
     return out

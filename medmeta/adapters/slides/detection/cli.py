@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from medmeta.errors import InsufficientDataError, MissingDataError, exit_on_user_error
+
 __all__ = ["main", "find_slides"]
 
 
@@ -27,11 +29,11 @@ def find_slides(folder: "str | Path", suffixes: Optional[Sequence[str]] = None) 
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"slide folder {folder} does not exist")
+        raise MissingDataError(f"slide folder {folder} does not exist")
     sfx = tuple(s.lower() for s in (suffixes or SLIDE_SUFFIXES))
     slides = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in sfx)
     if not slides:
-        raise FileNotFoundError(f"slide folder {folder}: no slide files with extensions {sfx}")
+        raise MissingDataError(f"slide folder {folder}: no slide files with extensions {sfx}")
     return slides
 
 
@@ -105,7 +107,7 @@ def _train(args: argparse.Namespace) -> int:
         p = ann_dir / f"{slide_id_of(s)}.json"
         anns.append(read_annotation(p, slide_size=open_slide(s).dimensions) if p.is_file() else None)
     if not any(a is not None and len(a.cells) for a in anns):
-        raise SystemExit(f"train: no slide in {args.slides} has an annotation with pos boxes in {ann_dir}")
+        raise InsufficientDataError(f"no slide in {args.slides} has an annotation with pos boxes in {ann_dir}")
     sampler = PatchSampler([str(s) for s in slides], anns, patch_size=args.patch_size, level=args.level,
                            min_visible=args.min_visible)
     windows = sampler.sample(args.cell_patches, args.background_patches, args.negative_patches, seed=args.seed)
@@ -117,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     model = build_detector(arch=args.arch, backbone=args.backbone, fpn_channels=args.fpn_channels,
                            pretrained=args.pretrained).to(device)
     history = train_detector(model, dataset, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                             num_workers=args.workers, seed=args.seed)
+                             num_workers=args.workers, seed=args.seed, run_dir=args.run_dir)
     save_detector(args.out, model, extra={"final_loss": history[-1]["loss"], "iterations": args.iterations,
                                           "patch_size": args.patch_size, "level": args.level})
     print(f"[train] saved {args.out}")
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--run-dir", default=None,
+                   help="run folder for checkpoints/ and metrics.csv; run again with it to resume an interrupted run")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("synthesize", help="write a synthetic cytology set (slides/ and annotations/)")
@@ -194,15 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: ``predict``, ``score``, ``train`` or ``synthesize`` (see the module doc)."""
-    from medmeta.adapters.slides.errors import SlideError
-
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (FileNotFoundError, SlideError, ValueError) as err:  # AnnotationError is a ValueError
-        # bad input: one clear line naming the file and entry, not a traceback
-        print(f"medmeta-detect {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    # bad input (a UserError: SlideError, AnnotationError, ...): one clear line naming the file
+    # and entry, exit status 2, not a traceback
+    return int(exit_on_user_error(f"medmeta-detect {args.command}", args.func, args))
 
 
 if __name__ == "__main__":

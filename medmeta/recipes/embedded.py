@@ -1,9 +1,9 @@
 """The embedded default data: built offline on first use, cached, opened as a :class:`MetaDataset`.
 
-* ``"synthetic"``: :func:`medmeta.data.synthetic.build_synthetic_meta_dataset` (seed 0, 32 px,
+* ``"synthetic"``: :func:`medmeta.recipes.synthetic.build_synthetic_meta_dataset` (seed 0, 32 px,
   600 images per dataset: enough test images per class for the MedIMeta protocol's 5 shots +
   10 queries, so every experiment preset runs on it unchanged);
-* ``"real"``: :func:`medmeta.data.real_mini.build_real_mini_meta_dataset` (seed 0), a small
+* ``"real"``: :func:`medmeta.recipes.real_mini.build_real_mini_meta_dataset` (seed 0), a small
   meta-dataset of real images that installed packages ship.
 
 Nothing is downloaded. The data live in ``$MEDMETA_DATA_DIR`` (default ``~/.cache/medmeta``)
@@ -21,35 +21,33 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from medmeta.data.errors import UnknownNameError, known_names
 from medmeta.data.meta_dataset import MetaDataset
+from medmeta.errors import UnknownNameError, known_names
 
 __all__ = ["EMBEDDED", "data_dir", "embedded_path", "open_default", "build_embedded"]
 
 ENV_VAR = "MEDMETA_DATA_DIR"
 
 SYNTHETIC_VERSION = 2
-"""Bump when :mod:`medmeta.data.synthetic` changes what it writes for the default arguments."""
+"""Bump when :mod:`medmeta.recipes.synthetic` changes what it writes for the default arguments."""
 
 
 def _build_synthetic(root: Path) -> Path:
-    from medmeta.data.synthetic import build_synthetic_meta_dataset
+    from medmeta.recipes.synthetic import build_synthetic_meta_dataset
 
     return build_synthetic_meta_dataset(root, seed=0, image_size=32, num_images=600)
 
 
 def _build_real(root: Path) -> Path:
-    from medmeta.data.real_mini import build_real_mini_meta_dataset
+    from medmeta.recipes.real_mini import build_real_mini_meta_dataset
 
     return build_real_mini_meta_dataset(root, seed=0)
 
 
 def _real_version() -> str:
-    try:
-        from medmeta.data import real_mini
-    except ImportError:
-        return "1"
-    return str(getattr(real_mini, "REAL_MINI_VERSION", getattr(real_mini, "VERSION", 1)))
+    from medmeta.recipes.real_mini import REAL_MINI_VERSION
+
+    return str(REAL_MINI_VERSION)
 
 
 EMBEDDED: dict[str, tuple[Callable[[], str], Callable[[Path], Path]]] = {

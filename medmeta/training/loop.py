@@ -453,6 +453,9 @@ class TrainingLoop:
         self.resumed_from_step: Optional[int] = None
         self._pending_rng: Optional[Mapping[str, Any]] = None
         self._validated_at: Optional[int] = None
+        # the training loss summed since the last logged row (sum, count): checkpointed, so a run
+        # resumed inside a log_every window logs the same rows as an uninterrupted one
+        self._log_window = (0.0, 0.0)
         self.history: list[dict[str, float]] = []
         for name in ("steps", "val_every", "checkpoint_every", "log_every"):
             value = int(getattr(trainer_cfg, name))
@@ -481,6 +484,7 @@ class TrainingLoop:
             fingerprint=self.fingerprint,
             world_size=int(self.ctx.world_size),
             validated_at=-1 if self._validated_at is None else int(self._validated_at),
+            log_window=[float(v) for v in self._log_window],
         )
         return state
 
@@ -517,6 +521,8 @@ class TrainingLoop:
         self.step = int(ckpt["step"])
         validated = int(ckpt.get("validated_at", -1))
         self._validated_at = None if validated < 0 else validated
+        window = ckpt.get("log_window") or (0.0, 0.0)
+        self._log_window = (float(window[0]), float(window[1]))
         self._pending_rng = ckpt["rng"]
         self.resumed_from_step = self.step
         return self.step
@@ -562,7 +568,7 @@ class TrainingLoop:
 
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
-        window_loss, window_count, t0 = 0.0, 0.0, time.perf_counter()
+        (window_loss, window_count), t0 = self._log_window, time.perf_counter()
         try:
             while self.step < total and not self.stopped_early:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -577,6 +583,7 @@ class TrainingLoop:
                 self.step += 1
                 loss_sum, count = all_reduce_sum([out["loss_sum"], out["count"]], self.ctx)
                 window_loss, window_count = window_loss + loss_sum, window_count + count
+                self._log_window = (window_loss, window_count)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / max(count, 1):.4f}")
@@ -591,6 +598,7 @@ class TrainingLoop:
                         self.step,
                     )
                     window_loss, window_count, t0 = 0.0, 0.0, time.perf_counter()
+                    self._log_window = (0.0, 0.0)
                 if self.step % val_every == 0 or self.step == total:
                     self._validate()
                     if self.early.should_stop:
@@ -603,7 +611,7 @@ class TrainingLoop:
             self.objective.close()
         if self._validated_at is None and self.early.best is None:
             self._validate()  # no validation round happened (e.g. steps=0): validate once
-        if self.ctx.is_main and not self.best_path.exists():
+        if self.ctx.is_main and (self.early.best is None or not self.best_path.exists()):
             self._save_best(self.state())  # no validation data: the last state is the best
         self.ctx.barrier()
         return TrainResult(

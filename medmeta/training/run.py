@@ -55,6 +55,7 @@ from medmeta.training.components import (
     resolve_data_config,
     to_plain,
 )
+from medmeta.training.fit import resume_checkpoint
 
 __all__ = [
     "run_training",
@@ -189,18 +190,10 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
                 f"with checkpoints/last.pt)"
             )
         return path
-    last = run_dir / "checkpoints" / "last.pt"
-    resume = cfg.trainer.resume
-    if resume is True and not last.is_file():
-        raise ConfigError(
-            f"trainer.resume=true but {last} does not exist; point hydra.run.dir (or run_dir) at the run "
-            f"folder to resume, or use trainer.resume_from=/path/to/last.pt"
-        )
-    if resume is False:
-        if last.is_file():
-            warnings.warn(f"trainer.resume=false: starting fresh; {last} will be overwritten", stacklevel=2)
-        return None
-    return last if last.is_file() else None
+    return resume_checkpoint(
+        run_dir, cfg.trainer.resume, option="trainer.resume",
+        hint="point hydra.run.dir (or run_dir) at the run folder to resume, or use trainer.resume_from=/path/to/last.pt",
+    )
 
 
 def _check_protocol_feasible(meta_dataset: Any, tasks: Sequence[tuple[str, str]], protocol: Any) -> None:

@@ -9,9 +9,6 @@ an uninterrupted one.
 """
 from __future__ import annotations
 
-import tempfile
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -19,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from medmeta.errors import CheckpointError, ConfigError
+from medmeta.training.fit import LoopSettings, fit
 
 __all__ = ["SegmentationObjective", "meta_train", "EpisodeBatches"]
 
@@ -124,22 +122,6 @@ class SegmentationObjective:
         return {"val/loss": total / len(self.val_batches)}
 
 
-@dataclass(frozen=True)
-class _TrainerSettings:
-    """The ``trainer`` fields that :class:`~medmeta.training.loop.TrainingLoop` reads."""
-
-    steps: int
-    val_every: int
-    checkpoint_every: int
-    log_every: int
-    grad_clip: Optional[float]
-    patience: Optional[int]
-    progress: bool
-    monitor: str = "val/loss"
-    monitor_mode: str = "min"
-    min_delta: float = 0.0
-
-
 def meta_train(
     learner: nn.Module,
     episodes: EpisodeBatches,
@@ -182,7 +164,7 @@ def meta_train(
     names = {id(p): n for n, p in learner.named_parameters()}
     if any(id(p) not in names for p in params):
         raise ConfigError("meta_train: parameters=... must be parameters of the learner (they are checkpointed with it)")
-    trainer = _TrainerSettings(
+    settings = LoopSettings(
         steps=int(steps),
         val_every=int(val_every),
         checkpoint_every=int(checkpoint_every),
@@ -192,64 +174,19 @@ def meta_train(
         progress=bool(progress),
     )
     objective = SegmentationObjective(learner, episodes, params, val_batches)
-    fingerprint = _fingerprint(learner, [names[id(p)] for p in params], lr, trainer.grad_clip)
-    if run_dir is None:
-        if resume:
-            raise ConfigError("meta_train: resume=True needs run_dir=... (the folder holding checkpoints/last.pt)")
-        with tempfile.TemporaryDirectory(prefix="medmeta-meta-train-") as tmp:
-            return _fit(learner, objective, params, lr, trainer, Path(tmp), None, (), fingerprint)
-    run_dir = Path(run_dir)
-    last = run_dir / "checkpoints" / "last.pt"
-    if resume is True and not last.is_file():
-        raise CheckpointError(f"meta_train: resume=True but {last} does not exist")
-    if resume is False and last.is_file():
-        warnings.warn(f"meta_train: resume=False: starting fresh; {last} will be overwritten", stacklevel=2)
-    resume_path = last if resume is not False and last.is_file() else None
-    return _fit(learner, objective, params, lr, trainer, run_dir, resume_path, loggers, fingerprint)
+    fingerprint = _fingerprint(learner, [names[id(p)] for p in params], lr, settings.grad_clip)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    fit(learner, objective, optimizer, settings, fingerprint=fingerprint, device=params[0].device,
+        run_dir=run_dir, resume=resume, loggers=loggers)
+    return list(objective.losses)
 
 
 def _fingerprint(learner: nn.Module, trained: list[str], lr: float, grad_clip: Optional[float]) -> dict[str, Any]:
-    """What a checkpoint must share with a run to be resumed by it."""
-    from medmeta.training.checkpoint import model_fingerprint
-
+    """What a checkpoint must share with a run to be resumed by it (``fit`` adds the shapes)."""
     return {
         "objective": SegmentationObjective.kind,
         "learner": type(learner).__name__,
         "trained": trained,
         "lr": float(lr),
         "grad_clip": grad_clip,
-        "model_shapes": model_fingerprint(learner),
     }
-
-
-def _fit(
-    learner: nn.Module,
-    objective: SegmentationObjective,
-    params: list[Tensor],
-    lr: float,
-    trainer: _TrainerSettings,
-    run_dir: Path,
-    resume_path: Optional[Path],
-    loggers: Sequence[str],
-    fingerprint: Mapping[str, Any],
-) -> list[float]:
-    from medmeta.training.distributed import DistributedContext
-    from medmeta.training.loggers import MetricLogger
-    from medmeta.training.loop import TrainingLoop
-
-    ctx = DistributedContext(device=params[0].device)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    config = {"lr": float(lr), "steps": trainer.steps, "grad_clip": trainer.grad_clip}
-    loop = TrainingLoop(learner, objective, optimizer, None, trainer, ctx, run_dir, fingerprint=fingerprint, config=config)
-    if resume_path is not None:
-        loop.resume(resume_path)
-    modes = [(m, m.training) for m in learner.modules()]  # the loop sets train mode; restored below
-    logger = MetricLogger(run_dir, list(loggers), resume_step=loop.step if resume_path is not None else None)
-    loop.logger = logger
-    try:
-        loop.fit()
-    finally:
-        logger.close()
-        for module, flag in modes:
-            module.training = flag
-    return list(objective.losses)

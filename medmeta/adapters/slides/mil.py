@@ -353,12 +353,13 @@ def train_mil(
     time); ``standardize`` sets the head's input statistics from the training bags first.
 
     Training runs through :class:`~medmeta.training.loop.TrainingLoop`
-    (:func:`~medmeta.adapters.slides.training.fit_single_process`): with ``run_dir`` it writes
+    (:func:`~medmeta.training.fit.fit`): with ``run_dir`` it writes
     ``checkpoints/last.pt`` every ``checkpoint_every`` steps (default: every epoch) and
     ``metrics.csv`` (``train/loss`` of every step), and ``resume`` (None: when ``last.pt`` exists) continues an interrupted run
     exactly, returning the losses of every epoch. Without ``run_dir`` nothing is kept.
     """
-    from medmeta.adapters.slides.training import BatchObjective, fit_single_process
+    from medmeta.adapters.slides.training import BatchObjective
+    from medmeta.training.fit import LoopSettings, fit
 
     bags = bags if isinstance(bags, Bags) else Bags(list(bags))
     if len(bags) != len(labels):
@@ -385,10 +386,10 @@ def train_mil(
     settings = {**objective.settings(), "trainer": "train_mil", "lr": float(lr),
                 "weight_decay": float(weight_decay), "max_instances": max_instances, "standardize": bool(standardize)}
     per_epoch = objective.num_batches
-    fit_single_process(
-        model, objective, optimiser, int(epochs) * per_epoch, device=device, run_dir=run_dir, resume=resume,
-        checkpoint_every=checkpoint_every or (per_epoch if run_dir is not None else None), settings=settings,
+    loop = LoopSettings.for_steps(
+        int(epochs) * per_epoch, checkpoint_every=checkpoint_every or (per_epoch if run_dir is not None else None)
     )
+    fit(model, objective, optimiser, loop, fingerprint=settings, device=device, run_dir=run_dir, resume=resume)
     model.eval()
     return objective.epoch_losses()
 

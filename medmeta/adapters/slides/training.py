@@ -10,33 +10,23 @@ interrupted one would have taken. Per-item randomness (instance subsampling, aug
 belongs to the dataset, seeded by ``(seed, epoch, index)`` through ``set_epoch``, so it does
 not depend on where a run was resumed either.
 
-:func:`fit_single_process` runs a model, an objective, an optimiser and a schedule through a
-single-process :class:`~medmeta.training.loop.TrainingLoop`. With a ``run_dir`` the run
-writes ``checkpoints/last.pt`` (atomically, every ``checkpoint_every`` steps and at the end),
-``checkpoints/best.pt`` and ``metrics.csv``, and a later call with the same folder resumes
-from ``last.pt``; without one it trains in a temporary folder that is deleted afterwards.
+The trainers run it with :func:`medmeta.training.fit.fit`: with a ``run_dir`` the run writes
+``checkpoints/last.pt`` (atomically, every ``checkpoint_every`` steps and at the end),
+``checkpoints/best.pt`` and ``metrics.csv``, and a later call with the same folder resumes from
+``last.pt``; without one it trains in a temporary folder that is deleted afterwards.
 """
 from __future__ import annotations
 
 import math
-import tempfile
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
-from medmeta.errors import ConfigError, MissingDataError
-from medmeta.training.checkpoint import model_fingerprint
-from medmeta.training.distributed import DistributedContext
-from medmeta.training.loggers import MetricLogger
-from medmeta.training.loop import TrainingLoop, TrainResult, episode_seed
+from medmeta.training.loop import episode_seed
 
-__all__ = ["BatchObjective", "fit_single_process", "LossFn"]
+__all__ = ["BatchObjective", "LossFn"]
 
 LossFn = Callable[[Any], "tuple[Tensor, dict[str, float]]"]
 """``loss_fn(batch) -> (loss, extra)``: the mean loss of a collated batch (a 0-dim tensor with a
@@ -201,117 +191,3 @@ class BatchObjective:
     def step_records(self) -> list[dict[str, float]]:
         """One dict per step: ``loss`` and the extra values of ``loss_fn``."""
         return [{k: v for k, v in r.items() if k not in ("epoch", "count")} for r in self.records]
-
-
-@dataclass(frozen=True)
-class _LoopSettings:
-    """The ``trainer`` settings TrainingLoop reads (no validation, no early stopping)."""
-
-    steps: int
-    checkpoint_every: int
-    log_every: int
-    val_every: int
-    grad_clip: Optional[float] = None
-    progress: bool = False
-    patience: Optional[int] = None
-
-
-class _ReportingLogger(MetricLogger):
-    """``metrics.csv`` in the run folder (when there is one), and each logged row passed to ``report``."""
-
-    def __init__(
-        self,
-        run_dir: Path,
-        enabled: bool,
-        resume_step: Optional[int],
-        report: Optional[Callable[[Mapping[str, float], int], None]],
-    ) -> None:
-        super().__init__(run_dir, backends=("csv",), enabled=enabled, resume_step=resume_step)
-        self.report = report
-
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        super().log(metrics, step)
-        if self.report is not None:
-            self.report(metrics, step)
-
-
-@contextmanager
-def _folder(run_dir: "str | Path | None") -> Iterator[Path]:
-    if run_dir is not None:
-        path = Path(run_dir).expanduser()
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="medmeta-fit-") as tmp:
-        yield Path(tmp)
-
-
-def fit_single_process(
-    model: nn.Module,
-    objective: Any,
-    optimizer: torch.optim.Optimizer,
-    steps: int,
-    *,
-    device: torch.device,
-    settings: Mapping[str, Any],
-    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
-    grad_clip: Optional[float] = None,
-    run_dir: "str | Path | None" = None,
-    resume: Optional[bool] = None,
-    checkpoint_every: Optional[int] = None,
-    log_every: Optional[int] = None,
-    report: Optional[Callable[[Mapping[str, float], int], None]] = None,
-) -> TrainResult:
-    """Train ``model`` for ``steps`` steps of ``objective`` with a single-process TrainingLoop.
-
-    Nothing here is specific to :class:`BatchObjective`: any TrainingLoop objective whose
-    ``validate`` returns ``{}`` works (no monitored metric, no early stopping; ``best.pt`` is the
-    last state).
-
-    Args:
-        device: where the model lives (the loop's single-process context).
-        settings: plain values a checkpoint must match to be resumed (with the model's parameter
-            shapes, added here); they are stored with every checkpoint.
-        grad_clip: clip the gradient norm of the parameters that require grad (None: no clipping).
-        run_dir: the run folder (``checkpoints/``, ``metrics.csv``); None trains in a temporary
-            folder that is removed afterwards (nothing to resume from).
-        resume: as ``trainer.resume``: None continues from ``run_dir/checkpoints/last.pt`` when it
-            exists, True requires it, False starts afresh (overwriting it).
-        checkpoint_every: steps between checkpoints of ``last.pt`` (default: only at the end).
-        log_every: steps between logged rows of ``train/loss`` (default: every step).
-        report: called with each logged row and its step (e.g. to print progress).
-    """
-    steps = int(steps)
-    if steps < 0:
-        raise ConfigError(f"steps: expected >= 0, got {steps}")
-    if run_dir is None and resume:
-        raise ConfigError("resume=True needs run_dir: the run folder whose checkpoints/last.pt to continue")
-    loop_settings = _LoopSettings(
-        steps=steps,
-        checkpoint_every=max(1, int(checkpoint_every) if checkpoint_every else steps),
-        log_every=max(1, int(log_every) if log_every else 1),
-        val_every=max(1, steps),
-        grad_clip=float(grad_clip) if grad_clip else None,
-    )
-    plain = dict(settings)
-    fingerprint = {**plain, "model_shapes": model_fingerprint(model)}
-    ctx = DistributedContext(device=torch.device(device))
-    with _folder(run_dir) as folder:
-        loop = TrainingLoop(
-            model, objective, optimizer, scheduler, loop_settings, ctx, folder,
-            fingerprint=fingerprint, config={**plain, "steps": steps},
-        )
-        last = loop.last_path
-        if resume is True and not last.is_file():
-            raise MissingDataError(f"resume=True but {last} does not exist; pass resume=None to start when it is absent")
-        if resume is False and last.is_file():
-            warnings.warn(f"resume=False: starting afresh; {last} will be overwritten", stacklevel=3)
-        resumed = resume is not False and last.is_file()
-        if resumed:
-            loop.resume(last)  # checks the fingerprint before anything else happens
-        logger = _ReportingLogger(folder, run_dir is not None, loop.step if resumed else None, report)
-        loop.logger = logger
-        try:
-            return loop.fit()
-        finally:
-            logger.close()

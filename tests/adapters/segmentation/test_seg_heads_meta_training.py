@@ -12,7 +12,7 @@ from seg_heads_fixtures import IdentityBackbone
 
 from medmeta.adapters.segmentation.heads import UNetSegmenter, check_support_set, meta_train
 from medmeta.backbones import create_backbone
-from medmeta.errors import CheckpointError, ConfigError
+from medmeta.errors import ConfigError
 from medmeta.training.checkpoint import load_checkpoint
 
 LR = 0.5
@@ -154,7 +154,7 @@ def test_meta_train_validates_and_keeps_the_best_checkpoint(tmp_path):
 
 def test_meta_train_refuses_what_it_cannot_do(tmp_path):
     seg = _segmenter(0)
-    with pytest.raises(CheckpointError, match="last.pt does not exist"):
+    with pytest.raises(ConfigError, match="last.pt does not exist"):
         meta_train(seg, _random_batch, steps=1, run_dir=tmp_path, resume=True)
     with pytest.raises(ConfigError, match="has no meta_loss"):
         meta_train(torch.nn.Linear(2, 2), _random_batch, steps=1)

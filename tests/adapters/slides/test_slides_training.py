@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medmeta.adapters.slides.mil import Bags, create_mil_head, train_mil
-from medmeta.errors import ConfigError, MissingDataError
+from medmeta.errors import ConfigError
 from medmeta.tasks import TaskDescription, TaskTarget
 
 BINARY = TaskDescription(TaskTarget.BINARY_CLASSIFICATION, ("neg", "pos"), "toy: mil", "toy")
@@ -105,10 +105,10 @@ def test_without_run_dir_results_equal_a_run_with_one(tmp_path):
 def test_resume_options_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="needs run_dir"):
         _train(_head(), None, resume=True)
-    with pytest.raises(MissingDataError, match="last.pt does not exist"):
+    with pytest.raises(ConfigError, match="last.pt does not exist"):
         _train(_head(), tmp_path / "empty", resume=True)
     _train(_head(), tmp_path / "run")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _train(_head(), tmp_path / "run", resume=False)
-    assert any("starting afresh" in str(w.message) for w in caught)
+    assert any("starting fresh" in str(w.message) for w in caught)

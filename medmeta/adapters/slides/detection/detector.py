@@ -292,12 +292,13 @@ def train_detector(
     model's device; ``log`` receives a line with the mean loss every ``log_every`` steps.
 
     Training runs through :class:`~medmeta.training.loop.TrainingLoop`
-    (:func:`~medmeta.adapters.slides.training.fit_single_process`): with ``run_dir`` it writes
+    (:func:`~medmeta.training.fit.fit`): with ``run_dir`` it writes
     ``checkpoints/last.pt`` every ``checkpoint_every`` steps (default 100) and ``metrics.csv``,
     and ``resume`` (None: when ``last.pt`` exists) continues an interrupted run exactly, returning
     the losses of every step. Without ``run_dir`` nothing is kept.
     """
-    from medmeta.adapters.slides.training import BatchObjective, fit_single_process
+    from medmeta.adapters.slides.training import BatchObjective
+    from medmeta.training.fit import LoopSettings, fit
 
     if iterations < 1:
         raise ValueError(f"train_detector: iterations must be >= 1, got {iterations}")
@@ -346,11 +347,12 @@ def train_detector(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / iterations, 1.0)))
         )
-        fit_single_process(
-            model, objective, opt, iterations, device=device, scheduler=sched, grad_clip=grad_clip or None,
-            run_dir=run_dir, resume=resume, checkpoint_every=checkpoint_every or (100 if run_dir is not None else None),
-            log_every=log_every or iterations, report=report, settings=settings,
+        loop = LoopSettings.for_steps(
+            iterations, checkpoint_every=checkpoint_every or (100 if run_dir is not None else None),
+            log_every=log_every or iterations, grad_clip=grad_clip,
         )
+        fit(model, objective, opt, loop, fingerprint=settings, device=device, scheduler=sched, run_dir=run_dir,
+            resume=resume, report=report)
     finally:
         for p, requires_grad in saved:
             p.requires_grad_(requires_grad)

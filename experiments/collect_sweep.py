@@ -9,8 +9,8 @@ Writes sweep_results.csv, sweep_ranking.csv and sweep_summary.md (into the sweep
 from __future__ import annotations
 
 import argparse
-import sys
 
+from medmeta.errors import exit_on_user_error
 from medmeta.training.sweep import collect_sweep, format_ranking, scale_of, write_sweep_report
 
 
@@ -21,11 +21,10 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--lower-is-better", action="store_true", help="rank ascending (e.g. for mae)")
     parser.add_argument("--out", default=None, help="where to write the reports (default: the sweep folder)")
     args = parser.parse_args(argv)
-    try:
-        results = collect_sweep(args.sweep_dir, score=args.score, higher_is_better=False if args.lower_is_better else None)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"collect_sweep: {err}", file=sys.stderr)
-        return 2
+    results = exit_on_user_error(
+        "collect_sweep", collect_sweep, args.sweep_dir, score=args.score,
+        higher_is_better=False if args.lower_is_better else None,
+    )
     scale = scale_of(results, args.sweep_dir)
     paths = write_sweep_report(results, args.out or args.sweep_dir, scale=scale)
     print(f"{len(results.runs)} run(s), {results.results['method'].nunique()} method(s); score: {results.score}"

@@ -14,7 +14,7 @@ import difflib
 import logging
 import sys
 from collections.abc import Iterable
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 __all__ = [
     "MedMetaError",
@@ -111,6 +111,20 @@ def exit_on_user_error(app: str, fn: Callable[..., T], *args: Any, **kwargs: Any
     try:
         return fn(*args, **kwargs)
     except UserError as err:
-        logging.getLogger("medmeta").error("%s: %s", type(err).__name__, err)
+        _log_to_files(f"{type(err).__name__}: {err}")
         print(f"{app}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def _log_to_files(message: str) -> None:
+    """Record ``message`` in the run's log files (Hydra's job log, a runner's log file) but not on
+    the console, where the one ``<app>: error:`` line already says it."""
+    logger: Optional[logging.Logger] = logging.getLogger("medmeta")
+    record = logging.getLogger("medmeta").makeRecord("medmeta", logging.ERROR, __file__, 0, message, (), None)
+    while logger is not None:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            console = stream is not None and stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+            if not console and record.levelno >= handler.level:
+                handler.handle(record)
+        logger = logger.parent if logger.propagate else None

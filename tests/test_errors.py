@@ -174,6 +174,8 @@ def test_console_entry_points_end_a_user_error_with_one_line_and_status_2(
     lines = [line for line in err.splitlines() if line.startswith(f"{prefix}: error: ")]
     assert exit_info.value.code == 2, err
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    # said once on the console (log files may record it too)
+    assert sum(message in line for line in err.splitlines()) == 1, err
 
 
 def test_every_console_script_is_covered():

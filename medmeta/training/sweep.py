@@ -18,6 +18,8 @@ from typing import Any, Optional
 import pandas as pd
 import yaml
 
+from medmeta.errors import ConfigError, MissingDataError
+
 __all__ = ["SweepResults", "collect_sweep", "find_runs", "write_sweep_report", "format_ranking", "scale_of"]
 
 RESULT_FILES = ("test/results.csv", "results.csv")
@@ -39,7 +41,7 @@ def find_runs(sweep_dir: "str | Path") -> list[Path]:
     """Job folders of a sweep (folders holding ``.hydra/overrides.yaml``), in job order."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist")
+        raise MissingDataError(f"sweep folder {sweep_dir} does not exist")
     runs = [p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")]
 
     def key(p: Path) -> tuple:
@@ -81,7 +83,7 @@ def collect_sweep(
     sweep_dir = Path(sweep_dir)
     runs = find_runs(sweep_dir)
     if not runs:
-        raise FileNotFoundError(f"{sweep_dir}: no Hydra job folders (with .hydra/overrides.yaml) found")
+        raise MissingDataError(f"{sweep_dir}: no Hydra job folders (with .hydra/overrides.yaml) found")
     overrides = {run: _overrides(run) for run in runs}
     common = set.intersection(*(set(o) for o in overrides.values())) if overrides else set()
     frames, infos, missing = [], [], []
@@ -101,7 +103,7 @@ def collect_sweep(
     if missing:
         warnings.warn(f"collect_sweep: {len(missing)} run(s) without results (failed or unfinished): {missing}", stacklevel=2)
     if not frames:
-        raise FileNotFoundError(f"{sweep_dir}: none of the {len(runs)} runs has a results.csv")
+        raise MissingDataError(f"{sweep_dir}: none of the {len(runs)} runs has a results.csv")
     table = pd.concat(frames, ignore_index=True)
     table.insert(2, "base_method", table["method"])
     per_run = table.groupby("base_method")["run"].nunique()
@@ -113,7 +115,7 @@ def collect_sweep(
     if higher_is_better is None:
         higher_is_better = bool(protocol.get("higher_is_better", True))
     if score not in table.columns:
-        raise ValueError(f"collect_sweep: score {score!r} is not a column of the results; columns: {list(table.columns)}")
+        raise ConfigError(f"collect_sweep: score {score!r} is not a column of the results; columns: {list(table.columns)}")
     ranking = rank_then_aggregate(table, score=score, higher_is_better=higher_is_better)
     return SweepResults(table, ranking, score, higher_is_better, infos, missing)
 

@@ -1,79 +1,99 @@
-"""Meta-training speed and peak memory of the MAML family against a plain deep-copy loop.
+"""MAML, FOMAML, ANIL and Meta-SGD meta-training speed and peak memory against the clone-per-task loop.
 
-Every method does the same work per meta-iteration: a meta-batch of N-way K-shot episodes, a
-new zero-initialised head per task, ``inner_steps`` SGD steps on the support set, the query
-loss, backward, and an outer Adam step. Compared, in the same run and on the same episodes:
+The baseline is the MAML implementation most research code uses (learn2learn's ``clone_module`` /
+``update_module``, higher's patched modules): per task, clone the module's parameters into a copy
+of the module (the clones stay in the graph of the originals), take the inner SGD steps with
+``torch.autograd.grad(support_loss, clone.parameters(), create_graph=not first_order)``, compute
+the query loss with the adapted clone and backpropagate it task by task into the originals. It is
+written out below (about forty lines, no learn2learn needed), for each variant:
 
-* ``deepcopy loop``: the obvious alternative: ``copy.deepcopy`` the backbone for every task,
-  adapt the copy with ``torch.optim.SGD``, backpropagate the query loss on the copy and add the
-  copy's gradients to the meta-parameters (first order: a copied module keeps no graph to the
-  original, so this is what a plain loop can compute);
-* medmeta's ``torch.func`` learners: MAML (second order), FOMAML, ANIL (second order through
-  the head's inner loop), each as a loop over tasks with one backward of ``meta_loss`` (every
-  task's graph alive at once), as a loop with ``meta_backward`` (one backward per task, graphs
-  freed task by task), and with ``vmap=True`` (one batched inner loop for tasks of equal shape).
+* MAML: backbone and head adapted, second order; FOMAML: the same, first order;
+* ANIL: support and query features computed once, only the head cloned and adapted, second order;
+* Meta-SGD: MAML with learned per-element inner rates (cloned with the module, as learn2learn does).
 
-Each measurement runs in a fresh child process. Peak memory: on CUDA
-``torch.cuda.max_memory_allocated`` above what setup allocated; on CPU the child's peak resident
-set size (``VmHWM``) above its resident size after setup and one plain forward/backward pass
-(which maps the kernels' code, a fixed cost of a few hundred MiB that is not the method's). Before timing, the parent checks
-that FOMAML's meta-gradient equals the deep-copy loop's and that vmap gives the loop's loss.
+Every method does the same work per meta-iteration on the same episodes: a meta-batch of N-way
+K-shot episodes, a new zero-initialised head per task, ``inner_steps`` SGD steps on the support
+set, transductive BatchNorm (batch statistics; running statistics updated from the support set:
+the baseline's clone shares the buffers, so its train-mode forward passes update them, medmeta
+runs with ``update_running_stats=True``), the query loss, backward, one outer Adam step.
+medmeta runs ``learner.meta_backward(meta_batch)``, what its training loop calls.
 
-    python benchmarks/bench_maml.py --quick
+Before timing, the parent checks in float64 on a small Conv-4 that every medmeta method's
+meta-gradient equals the baseline's (max relative difference printed). Speed: for each
+configuration one child process builds both implementations and runs alternating blocks of a
+few meta-iterations each (order reversed every other block), so load from other processes hits
+both alike; the table gives the median episodes/s and the median of the per-block ratios. On CPU
+the clock is the process's CPU time with one torch thread (``--threads``), since on a shared
+machine wall time mostly measures the other processes; on CUDA it is wall time.
+Memory: a fresh child process per configuration and implementation runs two meta-iterations;
+peak memory above the state after setup (CPU: the child's peak resident set size ``VmHWM``
+above its resident size after setup and one plain forward/backward pass, which maps the
+kernels' code; CUDA: ``torch.cuda.max_memory_allocated`` above what setup allocated).
+
+With ``--device cuda`` medmeta's ``vmap=True`` (tasks of equal shape batched into one inner
+loop) is also run against medmeta's loop.
+
+    python benchmarks/bench_maml.py --quick                          # Conv-4 only, 3 blocks
+    python benchmarks/bench_maml.py                                  # Conv-4 and ResNet-18
+    python benchmarks/bench_maml.py --backbones resnet18 --blocks 1 --iterations 2
     python benchmarks/bench_maml.py --device cuda
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import subprocess
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
+from torch import Tensor, nn
 
 from medmeta.backbones import create_backbone
+from medmeta.backbones.conv4 import Conv4
 from medmeta.learners.heads import task_loss
-from medmeta.learners.maml import ANIL, FOMAML, MAML
-from medmeta.tasks import Episode, TaskDescription
+from medmeta.learners.maml import ANIL, FOMAML, MAML, MetaSGD
+from medmeta.tasks import Episode, TaskDescription, TaskTarget
 
-METHODS = {  # learner class, vmap, backward task by task (meta_backward) instead of meta_loss().backward()
-    "deepcopy loop (first order)": None,
-    "MAML (second order)": (MAML, False, False),
-    "FOMAML": (FOMAML, False, False),
-    "ANIL": (ANIL, False, False),
-    "MAML (second order), task-by-task backward": (MAML, False, True),
-    "FOMAML, task-by-task backward": (FOMAML, False, True),
-    "ANIL, task-by-task backward": (ANIL, False, True),
-    "MAML (second order), vmap": (MAML, True, False),
-    "FOMAML, vmap": (FOMAML, True, False),
-    "ANIL, vmap": (ANIL, True, False),
+METHODS = ("MAML", "FOMAML", "ANIL", "Meta-SGD")
+LEARNERS = {"MAML": MAML, "FOMAML": FOMAML, "ANIL": ANIL, "Meta-SGD": MetaSGD}
+INNER_LR = 0.1
+
+BACKBONES: dict[str, dict[str, Any]] = {
+    # Conv-4 with 32 channels at 28 px, 5-way 5-shot 15-query, meta-batch 4 (issue 15)
+    "conv4": dict(image_size=28, way=5, shot=5, query=15, meta_batch=4, iterations=2, warmup=1),
+    # ResNet-18 at 84 px; smaller episodes so that it runs in minutes on two loaded cores
+    "resnet18": dict(image_size=84, way=5, shot=1, query=5, meta_batch=2, iterations=1, warmup=1),
 }
 
 
-def settings(quick: bool) -> dict[str, Any]:
-    if quick:
-        return dict(backbone="medmeta_conv4_tiny", image_size=28, way=5, shot=5, query=5, meta_batch=4,
-                    inner_steps=4, iterations=5, warmup=1)
-    return dict(backbone="medmeta_conv4", image_size=84, way=5, shot=5, query=15, meta_batch=8,
-                inner_steps=4, iterations=10, warmup=2)
+def make_backbone(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "conv4":  # medmeta's Conv-4 with 32 channels (the registered ones have 64 and 16)
+            backbone = create_backbone("medmeta_conv4_tiny")
+            backbone.model = Conv4(in_chans=3, num_classes=0, width=32)
+            backbone.num_features = 32
+        else:
+            backbone = create_backbone(name)
+    return backbone.to(device=device, dtype=dtype)
 
 
-def make_episodes(cfg: dict[str, Any], device: torch.device, batches: int = 2) -> list[list[Episode]]:
-    """Meta-batches of random N-way K-shot episodes (class-dependent mean, so tasks are learnable)."""
+def make_episodes(cfg: dict[str, Any], device: torch.device, batches: int = 2, dtype: torch.dtype = torch.float32) -> list[list[Episode]]:
+    """Meta-batches of random N-way K-shot episodes (class-dependent means, so tasks are learnable)."""
     g = torch.Generator().manual_seed(0)
-    desc = TaskDescription("MULTICLASS_CLASSIFICATION", tuple(f"c{i}" for i in range(cfg["way"])), "bench: task", "bench")
+    desc = TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, tuple(f"c{i}" for i in range(cfg["way"])), "bench: task", "bench")
     size, way = cfg["image_size"], cfg["way"]
 
-    def part(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def part(k: int) -> tuple[Tensor, Tensor]:
         labels = torch.arange(way).repeat_interleave(k)
         means = torch.randn(way, 3, 1, 1, generator=g)
         images = means[labels] + torch.randn(len(labels), 3, size, size, generator=g)
-        return images.to(device), labels.to(device)
+        return images.to(device=device, dtype=dtype), labels.to(device)
 
     out = []
     for _ in range(batches):
@@ -86,64 +106,104 @@ def make_episodes(cfg: dict[str, Any], device: torch.device, batches: int = 2) -
     return out
 
 
-def make_backbone(cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return create_backbone(cfg["backbone"]).to(device)
+# -- the baseline: clone the module per task, plain autograd (learn2learn's clone_module/update_module) --
+def clone_module(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are ``p.clone()`` (in the graph of ``p``); buffers shared."""
+    clone = module.__new__(type(module))
+    clone.__dict__ = module.__dict__.copy()
+    clone._parameters = {k: None if p is None else p.clone() for k, p in module._parameters.items()}  # type: ignore[misc]
+    clone._buffers = module._buffers.copy()
+    clone._modules = {k: None if m is None else clone_module(m) for k, m in module._modules.items()}  # type: ignore[assignment]
+    return clone
 
 
-def deepcopy_meta_gradient(backbone: torch.nn.Module, episodes: list[Episode], inner_steps: int, inner_lr: float) -> float:
-    """The plain loop: deep-copy per task, SGD on the copy, add the copy's query gradients."""
-    total = 0.0
-    for ep in episodes:
-        model = copy.deepcopy(backbone)
-        model.train()
-        head = torch.nn.Linear(backbone.num_features, ep.description.num_outputs).to(ep.support_images.device)
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
-        opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=inner_lr)
-        for _ in range(inner_steps):
-            opt.zero_grad()
-            task_loss(head(model(ep.support_images)), ep.support_labels, ep.description.task_target).backward()
-            opt.step()
-        opt.zero_grad()
-        loss = task_loss(head(model(ep.query_images)), ep.query_labels, ep.description.task_target) / len(episodes)
-        loss.backward()
-        for p, q in zip(backbone.parameters(), model.parameters()):
-            p.grad = q.grad.clone() if p.grad is None else p.grad + q.grad
-        total += float(loss.detach())
-    return total
+def update_module(module: nn.Module, updates: dict[int, Tensor]) -> None:
+    """Replace every parameter ``p`` by ``updates[id(p)]`` in place, in every submodule."""
+    for k, p in module._parameters.items():
+        if p is not None and id(p) in updates:
+            module._parameters[k] = updates[id(p)]  # type: ignore[assignment]
+    for m in module._modules.values():
+        if m is not None:
+            update_module(m, updates)
 
 
-def make_step(method: str, cfg: dict[str, Any], backbone: torch.nn.Module):
-    """A function running one meta-iteration (forward, backward, outer Adam step)."""
-    spec = METHODS[method]
-    if spec is None:
-        opt = torch.optim.Adam(backbone.parameters(), lr=1e-3)
+class BaselineLearner(nn.Module):
+    """The clone-per-task loop for MAML / FOMAML / ANIL / Meta-SGD with a new zero head per task."""
 
-        def step(episodes: list[Episode]) -> None:
-            opt.zero_grad()
-            deepcopy_meta_gradient(backbone, episodes, cfg["inner_steps"], 0.1)
-            opt.step()
+    def __init__(self, backbone: Any, method: str, inner_steps: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_features: int = backbone.num_features
+        self.method = method
+        self.inner_steps = inner_steps
+        self.first_order = method == "FOMAML"
+        if method == "Meta-SGD":
+            self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(p, INNER_LR)) for p in backbone.parameters()])
+            ref = next(backbone.parameters())
+            self.head_lrs = nn.ParameterList([
+                nn.Parameter(torch.full((1, self.num_features), INNER_LR, dtype=ref.dtype, device=ref.device)),
+                nn.Parameter(torch.full((1,), INNER_LR, dtype=ref.dtype, device=ref.device)),
+            ])
 
-        return step
-    cls, use_vmap, per_task = spec
-    learner = cls(backbone, inner_steps=cfg["inner_steps"], inner_lr=0.1, vmap=use_vmap, update_running_stats=False)
-    learner.train()
+    def _head(self, ep: Episode) -> nn.Linear:
+        ref = ep.support_images
+        head = nn.Linear(self.num_features, ep.description.num_outputs).to(device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return head
+
+    def _adapt(self, learner: nn.Module, loss: Tensor, lrs: Optional[list[Tensor]]) -> None:
+        params = list(learner.parameters())
+        grads = torch.autograd.grad(loss, params, create_graph=not self.first_order, allow_unused=True)
+        updates = {}
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is not None:
+                updates[id(p)] = p - (INNER_LR if lrs is None else lrs[i]) * g
+        update_module(learner, updates)
+
+    def task_loss(self, ep: Episode) -> Tensor:
+        target = ep.description.task_target
+        self.backbone.train()
+        if self.method == "ANIL":
+            support, query = self.backbone(ep.support_images), self.backbone(ep.query_images)
+            learner = clone_module(self._head(ep))
+            for _ in range(self.inner_steps):
+                self._adapt(learner, task_loss(learner(support), ep.support_labels, target), None)
+            return task_loss(learner(query), ep.query_labels, target)
+        learner = clone_module(nn.Sequential(self.backbone, self._head(ep)))
+        lrs = [*self.lrs, *self.head_lrs] if self.method == "Meta-SGD" else None
+        for _ in range(self.inner_steps):
+            self._adapt(learner, task_loss(learner(ep.support_images), ep.support_labels, target), lrs)
+        return task_loss(learner(ep.query_images), ep.query_labels, target)
+
+    def meta_backward(self, episodes: list[Episode]) -> Tensor:
+        total = torch.zeros(())
+        for ep in episodes:
+            loss = self.task_loss(ep)
+            (loss / len(episodes)).backward()
+            total += float(loss.detach())
+        return total / len(episodes)
+
+
+def make_learner(impl: str, method: str, backbone: nn.Module, inner_steps: int) -> Any:
+    """``impl``: "baseline", "medmeta" (loop) or "medmeta-vmap"."""
+    if impl == "baseline":
+        return BaselineLearner(backbone, method, inner_steps)
+    return LEARNERS[method](backbone, inner_steps=inner_steps, inner_lr=INNER_LR, vmap=impl == "medmeta-vmap")
+
+
+def make_step(learner: Any) -> Callable[[list[Episode]], None]:
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
     def step(episodes: list[Episode]) -> None:
         opt.zero_grad()
-        if per_task:
-            learner.meta_backward(episodes)
-        else:
-            learner.meta_loss(episodes).backward()
+        learner.meta_backward(episodes)
         opt.step()
 
     return step
 
 
+# -- measurement in a child process ------------------------------------------------------------------
 def _proc_status_bytes(field: str) -> int:
     """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, from /proc.
 
@@ -157,110 +217,178 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} (peak RSS needs Linux)")
 
 
-def child(method: str, cfg: dict[str, Any], device_name: str) -> dict[str, float]:
-    """Time one method in this (fresh) process; peak memory above the state after setup."""
-    device = torch.device(device_name)
-    backbone = make_backbone(cfg, device)
+def _setup(spec: dict[str, Any], impl: str, device: torch.device):
+    cfg = {**BACKBONES[spec["backbone"]], **spec.get("overrides", {})}
+    backbone = make_backbone(spec["backbone"], device)
+    return cfg, backbone, make_step(make_learner(impl, spec["method"], backbone, spec["steps"]))
+
+
+def _clock(device: torch.device) -> float:
+    """CPU: this process's CPU time (robust to other processes' load; run with 1 thread); CUDA: wall time."""
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def child_memory(spec: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """Peak memory of one implementation in this fresh process, above the state after setup."""
+    cfg, backbone, step = _setup(spec, spec["impl"], device)
     batches = make_episodes(cfg, device)
-    step = make_step(method, cfg, backbone)
-    cuda = device.type == "cuda"
-    # prime: one plain forward/backward loads kernels and code pages, so the CPU baseline below
-    # holds the process's fixed cost and the peak measures what the method itself allocates
+    # prime: one plain forward/backward maps the kernels' code, a fixed cost that is not the method's
     ep = batches[0][0]
     backbone(torch.cat([ep.support_images, ep.query_images])).sum().backward()
     backbone.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize(device)
+    _sync(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
         base = _proc_status_bytes("VmRSS")
-    for i in range(cfg["warmup"]):
+    for i in range(2):
         step(batches[i % len(batches)])
-    if cuda:
-        torch.cuda.synchronize(device)
-    times = []
-    for i in range(cfg["iterations"]):
-        t0 = time.perf_counter()
-        step(batches[i % len(batches)])
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)  # robust to other load on a shared machine
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = _proc_status_bytes("VmHWM") - base
-    return {"episodes_per_s": cfg["meta_batch"] / seconds, "peak_mib": max(peak, 0) / 2**20}
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else _proc_status_bytes("VmHWM") - base
+    return {"peak_mib": max(peak, 0) / 2**20}
 
 
-def check_equivalences(cfg: dict[str, Any], device: torch.device) -> dict[str, float]:
-    """FOMAML's meta-gradient vs the deep-copy loop's; vmap's loss vs the loop's (same episodes)."""
-    episodes = make_episodes(cfg, device, batches=1)[0]
+def child_time(spec: dict[str, Any], impls: list[str], device: torch.device) -> dict[str, list[float]]:
+    """Seconds per meta-iteration of every implementation, in alternating blocks in this process.
+
+    Block ``b`` runs ``iterations`` meta-iterations of each implementation in turn (the order
+    reversed every other block), so that load from other processes hits all of them alike.
+    """
+    runs = {impl: _setup(spec, impl, device) for impl in impls}
+    cfg = runs[impls[0]][0]
+    batches = make_episodes(cfg, device)
+    for impl in impls:  # warm-up
+        for i in range(cfg["warmup"]):
+            runs[impl][2](batches[i % len(batches)])
+    out: dict[str, list[float]] = {impl: [] for impl in impls}
+    for block in range(spec["blocks"]):
+        for impl in impls if block % 2 == 0 else impls[::-1]:
+            step = runs[impl][2]
+            _sync(device)
+            t0 = _clock(device)
+            for i in range(cfg["iterations"]):
+                step(batches[i % len(batches)])
+            _sync(device)
+            out[impl].append((_clock(device) - t0) / cfg["iterations"])
+    return out
+
+
+def run_child(spec: dict[str, Any], args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--device", args.device]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"# {spec}: failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+        return None
+    out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+# -- the equivalence check ---------------------------------------------------------------------------
+def check_gradients(device: torch.device) -> dict[str, float]:
+    """Max relative difference of medmeta's meta-gradient from the baseline's (float64, small Conv-4)."""
+    cfg = dict(image_size=16, way=3, shot=2, query=3, meta_batch=2)
+    episodes = make_episodes(cfg, device, batches=1, dtype=torch.float64)[0]
     out = {}
-    backbone = make_backbone(cfg, device)
-    deepcopy_meta_gradient(backbone, episodes, cfg["inner_steps"], 0.1)
-    ref = [p.grad.clone() for p in backbone.parameters()]
-    backbone.zero_grad()
-    FOMAML(backbone, inner_steps=cfg["inner_steps"], inner_lr=0.1, update_running_stats=False).meta_loss(episodes).backward()
-    scale = max(float(r.abs().max()) for r in ref)
-    out["fomaml_vs_deepcopy_grad"] = max(float((p.grad - r).abs().max()) for p, r in zip(backbone.parameters(), ref)) / scale
-    for cls in (MAML, ANIL):
-        backbone = make_backbone(cfg, device)
-        losses = [
-            float(cls(backbone, inner_steps=cfg["inner_steps"], inner_lr=0.1, vmap=v, update_running_stats=False).meta_loss(episodes))
-            for v in (False, True)
-        ]
-        out[f"{cls.__name__.lower()}_vmap_vs_loop_loss"] = abs(losses[0] - losses[1])
+    for method in METHODS:
+        for steps in (1, 3):
+            grads = []
+            for impl in ("baseline", "medmeta"):
+                learner = make_learner(impl, method, make_backbone("conv4", device, torch.float64), steps)
+                learner.meta_backward(episodes)
+                grads.append(torch.cat([p.grad.flatten() for p in learner.backbone.parameters()]))
+            out[f"{method}, {steps} steps"] = float((grads[1] - grads[0]).abs().max() / grads[0].abs().max())
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny backbone, 28 px, 5 iterations")
+    p.add_argument("--quick", action="store_true", help="Conv-4 only, 3 blocks")
+    p.add_argument("--backbones", default=None, help="comma-separated from " + ", ".join(BACKBONES))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated from " + ", ".join(METHODS))
+    p.add_argument("--steps", default="1,5", help="inner steps, comma-separated")
+    p.add_argument("--blocks", type=int, default=None, help="alternating baseline/medmeta blocks (default 5, quick 3)")
+    p.add_argument("--iterations", type=int, default=None, help="timed meta-iterations per child (default per backbone)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each child")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each child (CPU default 1: CPU time is measured)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    cfg = settings(args.quick)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(args.child, cfg, args.device)))
+        spec = json.loads(args.child)
+        if spec["mode"] == "memory":
+            print(json.dumps(child_memory(spec, torch.device(args.device))))
+        else:
+            print(json.dumps(child_time(spec, spec["impls"], torch.device(args.device))))
         return
     device = torch.device(args.device)
-    checks = check_equivalences(cfg, device)
-    rows = []
-    for method in METHODS:
-        cmd = [sys.executable, __file__, "--child", method, "--device", args.device]
-        cmd += ["--quick"] if args.quick else []
-        cmd += ["--threads", str(args.threads)] if args.threads else []
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            rows.append((method, None, result.stderr.strip().splitlines()[-1] if result.stderr else "failed"))
+    if device.type == "cpu" and not args.threads:
+        args.threads = 1
+        torch.set_num_threads(1)
+    backbones = (args.backbones or ("conv4" if args.quick else "conv4,resnet18")).split(",")
+    methods = args.methods.split(",")
+    blocks = args.blocks or (3 if args.quick else 5)
+    impls = ["baseline", "medmeta"] + (["medmeta-vmap"] if device.type == "cuda" else [])
+    overrides = {} if args.iterations is None else {"iterations": args.iterations}
+    checks = check_gradients(device)
+    configs = [(b, m, int(s)) for b in backbones for m in methods for s in args.steps.split(",")]
+    timing: dict[tuple, dict[str, list[float]]] = {}
+    memory: dict[tuple, dict[str, float]] = {}
+    for b, m, s in configs:
+        spec = dict(backbone=b, method=m, steps=s, overrides=overrides, blocks=blocks, impls=impls, mode="time")
+        res = run_child(spec, args)
+        if res is not None:
+            timing[(b, m, s)] = res
+        for impl in impls:
+            mem = run_child(dict(spec, impl=impl, mode="memory"), args)
+            if mem is not None:
+                memory[(b, m, s, impl)] = mem
+        print(f"# {b} {m} {s} steps done", file=sys.stderr)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    mem_name = "peak CUDA MiB above setup" if device.type == "cuda" else "peak RSS MiB above setup"
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    print(f"# MAML family meta-training on {args.device} ({where}, {clock}), transductive BatchNorm, zero head per task, "
+          f"inner lr {INNER_LR}. Speed: {blocks} alternating blocks in one process per configuration, median of the "
+          f"per-block ratios; memory: a fresh process per configuration and implementation")
+    for b in backbones:
+        c = {**BACKBONES[b], **overrides}
+        print(f"# {b}: {c['image_size']} px, {c['way']}-way {c['shot']}-shot {c['query']}-query, meta-batch "
+              f"{c['meta_batch']}, {c['iterations']} meta-iterations per block after {c['warmup']} warm-up")
+    extra = " medmeta vmap ep/s | vmap / loop |" if "medmeta-vmap" in impls else ""
+    print(f"| backbone | method | inner steps | baseline ep/s | medmeta ep/s | medmeta / baseline | "
+          f"baseline {mem_name} | medmeta {mem_name} |{extra}")
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if extra else ""))
+
+    def mib(key: tuple) -> str:
+        return f"{memory[key]['peak_mib']:.0f}" if key in memory else "failed"
+
+    for b, m, s in configs:
+        if (b, m, s) not in timing:
+            print(f"| {b} | {m} | {s} | failed | | | | |")
             continue
-        rows.append((method, json.loads(result.stdout.strip().splitlines()[-1]), ""))
-    base = rows[0][1]
-    print(
-        f"# MAML meta-training on {args.device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}): "
-        f"{cfg['backbone']}, {cfg['image_size']} px, {cfg['way']}-way {cfg['shot']}-shot {cfg['query']} query, "
-        f"meta-batch {cfg['meta_batch']}, {cfg['inner_steps']} inner steps, median of {cfg['iterations']} timed iterations"
-    )
-    memory = "peak CUDA memory above setup (MiB)" if device.type == "cuda" else "peak RSS above setup (MiB)"
-    print(f"| method | episodes/s | vs deepcopy loop | {memory} | vs deepcopy loop |")
-    print("|---|---|---|---|---|")
-    for method, res, err in rows:
-        if res is None:
-            print(f"| {method} | failed: {err} | | | |")
-            continue
-        speed = res["episodes_per_s"] / base["episodes_per_s"] if base else float("nan")
-        mem = res["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] > 0 else float("nan")
-        print(f"| {method} | {res['episodes_per_s']:.1f} | {speed:.2f}x | {res['peak_mib']:.1f} | {mem:.2f}x |")
-    print(
-        f"\nchecks on one meta-batch: FOMAML vs deepcopy-loop meta-gradient, max relative difference "
-        f"{checks['fomaml_vs_deepcopy_grad']:.1e}; |loss(vmap) - loss(loop)|: MAML "
-        f"{checks['maml_vmap_vs_loop_loss']:.1e}, ANIL {checks['anil_vmap_vs_loop_loss']:.1e}"
-    )
+        t = timing[(b, m, s)]
+        meta_batch = {**BACKBONES[b], **overrides}["meta_batch"]
+
+        def eps(impl: str) -> float:
+            return meta_batch / statistics.median(t[impl])
+
+        def ratio(impl: str, ref: str) -> float:
+            return statistics.median(r / o for r, o in zip(t[ref], t[impl]))
+
+        row = (f"| {b} | {m} | {s} | {eps('baseline'):.2f} | {eps('medmeta'):.2f} | {ratio('medmeta', 'baseline'):.2f}x | "
+               f"{mib((b, m, s, 'baseline'))} | {mib((b, m, s, 'medmeta'))} |")
+        if extra:
+            row += f" {eps('medmeta-vmap'):.2f} | {ratio('medmeta-vmap', 'medmeta'):.2f}x |"
+        print(row)
+    print("\nmeta-gradient check (float64, Conv-4 16 px, 3-way 2-shot, meta-batch 2), max |medmeta - baseline| / max |baseline|: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
 
 
 if __name__ == "__main__":

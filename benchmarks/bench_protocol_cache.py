@@ -1,14 +1,26 @@
 """Protocol run of a frozen-backbone learner: feature cache vs embedding every episode anew.
 
-The same frozen episodes are solved twice by ProtoNet: once embedding each image once per task
-(``medmeta.evaluation.feature_cache``), once embedding support and query images of every
-episode (the plain ``learner.adapt`` path). Prints time, images embedded, episodes per second,
-the speed ratio and the largest metric difference (0 on CPU; on CUDA, TF32 convolutions make
-features depend slightly on batch composition, which can flip near-tied queries: use
-``--strict-fp32`` to compare exactly).
+The same frozen episodes are solved by ProtoNet: embedding support and query images of every
+episode (the plain ``learner.adapt`` path), embedding each image once per task (the in-memory
+``medmeta.evaluation.feature_cache``), and with the on-disk feature cache
+(``ProtocolConfig.feature_cache_dir``): a first run that embeds and writes the files, then a
+second run that reads them and embeds nothing. Prints time, images through the backbone, episodes
+per second, the speed ratios (wall clock, and process CPU time, which a loaded shared machine
+distorts less) and the largest metric difference against the plain path (0 on CPU;
+on CUDA, TF32 convolutions make features depend slightly on batch composition, which can flip
+near-tied queries: use ``--strict-fp32`` to compare exactly).
+
+The default is the issue's setting: the L2L protocol (shots 3..10) on the embedded real-image set
+(``medmeta.recipes.open_default("real")``, 13 tasks) read at 224 px, 3 channels, ImageNet
+normalisation, with offline ImageNet MobileNetV2 weights. The full L2L setting (100 instances,
+all tasks) embeds about half a million images on the plain path (hours on 2 CPU cores); ``--quick``
+and ``--instances`` / ``--tasks`` make it fit a small machine: the plain path's time grows with
+instances, the cached path's hardly (see benchmarks/README.md).
 
     python benchmarks/bench_protocol_cache.py --quick
-    python benchmarks/bench_protocol_cache.py --data synthetic --backbone resnet18 --image-size 64
+    python benchmarks/bench_protocol_cache.py                                   # 8 instances, 13 tasks
+    python benchmarks/bench_protocol_cache.py --instances 100 --device cuda     # the full L2L setting
+    python benchmarks/bench_protocol_cache.py --data memory --backbone medmeta_conv4 --image-size 32
 """
 from __future__ import annotations
 
@@ -17,6 +29,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,7 +38,7 @@ from medmeta.backbones import create_backbone
 from medmeta.data.array_source import ArrayTaskSource
 from medmeta.evaluation.protocols import l2l_protocol, run_protocol
 from medmeta.learners.protonet import ProtoNet
-from medmeta.tasks import TaskDescription
+from medmeta.tasks import TaskDescription, TaskTarget
 
 
 def memory_sources(image_size: int, per_class: int, seed: int = 0) -> dict:
@@ -35,7 +48,7 @@ def memory_sources(image_size: int, per_class: int, seed: int = 0) -> dict:
     def source(name: str, target: str, labels: np.ndarray, classes, keys=()):
         n = len(labels)
         images = torch.as_tensor(rng.standard_normal((n, 3, image_size, image_size)), dtype=torch.float32)
-        d = TaskDescription(target, classes, f"bench: {name}", "bench", label_keys=keys, dataset_id="bench", task_name=name)
+        d = TaskDescription(TaskTarget.parse(target), classes, f"bench: {name}", "bench", label_keys=keys, dataset_id="bench", task_name=name)
         return ("bench", name), ArrayTaskSource(images, labels, d, split="test")
 
     mc = np.repeat(np.arange(5), per_class)
@@ -52,6 +65,18 @@ def memory_sources(image_size: int, per_class: int, seed: int = 0) -> dict:
     )
 
 
+def real_sources(image_size: int, tasks: Optional[int]):
+    """The embedded real-image set at ``image_size``, RGB, ImageNet statistics; the first
+    ``tasks`` classification tasks (``None``: all)."""
+    from medmeta.data import MetaDataset
+    from medmeta.recipes import open_default
+
+    root = open_default("real").root
+    data = MetaDataset(root, channels=3, normalize="imagenet", image_size=image_size)
+    keys = [(t.dataset_id, t.task_name) for t in data.tasks]
+    return data, keys[:tasks] if tasks else keys
+
+
 def synthetic_sources(root: Path, image_size: int):
     from medmeta.data import MetaDataset
     from medmeta.recipes import build_synthetic_meta_dataset
@@ -60,36 +85,46 @@ def synthetic_sources(root: Path, image_size: int):
     return MetaDataset(path)
 
 
-class CountingProtoNet(ProtoNet):
-    """ProtoNet that counts the images it embeds."""
+class ForwardCounter:
+    """Counts the images that go through a backbone (a forward pre-hook)."""
 
-    images_embedded = 0
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.images = 0
+        module.register_forward_pre_hook(self._hook)
 
-    def embed(self, images):
-        self.images_embedded += len(images)
-        return super().embed(images)
+    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
+        self.images += len(args[0])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small, fast run")
-    p.add_argument("--data", choices=("memory", "synthetic"), default="memory")
-    p.add_argument("--backbone", default="medmeta_conv4")
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="small run (real data: 2 tasks, 4 instances)")
+    p.add_argument("--data", choices=("real", "memory", "synthetic"), default="real")
+    p.add_argument("--backbone", default=None, help="default: mobilenetv2_100 (real), medmeta_conv4 (else)")
+    p.add_argument("--pretrained", default=None, help="default: imagenet-mobilenetv2 for mobilenetv2_100")
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 (real), 32 / 64 (else)")
     p.add_argument("--instances", type=int, default=None)
+    p.add_argument("--tasks", type=int, default=None, help="first N tasks of the real set (default: all; quick: 2)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--strict-fp32", action="store_true",
                    help="disable TF32 convolutions/matmuls on CUDA (batch-independent numerics)")
     args = p.parse_args()
     if args.strict_fp32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    image_size = args.image_size or (32 if args.quick else 64)
-    instances = args.instances or (5 if args.quick else 20)
-    shots = (3, 5) if args.quick else tuple(range(3, 11))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    real = args.data == "real"
+    backbone_name = args.backbone or ("mobilenetv2_100" if real else "medmeta_conv4")
+    pretrained = args.pretrained or ("imagenet-mobilenetv2" if backbone_name == "mobilenetv2_100" else None)
+    image_size = args.image_size or (224 if real else 32 if args.quick else 64)
+    instances = args.instances or ((4 if args.quick else 8) if real else (5 if args.quick else 20))
+    shots = tuple(range(3, 11)) if real or not args.quick else (3, 5)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data == "synthetic":
+        if real:
+            data, tasks = real_sources(image_size, args.tasks or (2 if args.quick else None))
+        elif args.data == "synthetic":
             data = synthetic_sources(Path(tmp) / "data", image_size)
             tasks = None
         else:
@@ -97,34 +132,44 @@ def main() -> None:
             tasks = list(data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            backbone = create_backbone(args.backbone)
-        learner = CountingProtoNet(backbone).to(args.device)
+            backbone = create_backbone(backbone_name, pretrained=pretrained)
+        counter = ForwardCounter(backbone)
+        learner = ProtoNet(backbone).to(args.device)
         results = {}
-        # the first (untimed) pass writes the frozen episode lists and warms up; both timed passes read them
-        for mode, cache in (("warm-up", True), ("embed every episode", False), ("feature cache", True)):
-            config = l2l_protocol(shots=shots, instances=instances, feature_cache=cache, episode_dir=str(Path(tmp) / "episodes"),
-                                  on_insufficient="skip")
-            learner.images_embedded = 0
+        cache_dir = str(Path(tmp) / "features")
+        # the first (untimed) pass writes the frozen episode lists and warms up; the timed passes read them
+        modes = (("warm-up", True, None), ("embed every episode", False, None), ("feature cache, in memory", True, None),
+                 ("disk cache, first run (writes)", True, cache_dir), ("disk cache, second run (reads)", True, cache_dir))
+        for mode, cache, disk in modes:
+            config = l2l_protocol(shots=shots, instances=instances, feature_cache=cache, feature_cache_dir=disk,
+                                  episode_dir=str(Path(tmp) / "episodes"), on_insufficient="skip")
+            counter.images = 0
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 df = run_protocol({"protonet": learner}, data, tasks, config, device=args.device, progress=False)
-                seconds = time.perf_counter() - t0
-            results[mode] = (df, seconds, learner.images_embedded)
-    (cdf, cs, cn), (pdf, ps, pn) = results["feature cache"], results["embed every episode"]
-    metrics = [m for m in ("accuracy", "balanced_accuracy", "auroc", "mae") if m in cdf]
-    delta = np.abs(cdf[metrics].to_numpy(float) - pdf[metrics].to_numpy(float))
-    diff = np.nanmax(delta)
-    differing = int((np.nan_to_num(delta) > 1e-9).any(axis=1).sum())
-    n = len(cdf)
-    print(f"# protocol feature cache: ProtoNet/{args.backbone}, {args.data} data, {image_size}px, shots {list(shots)}, "
-          f"{instances} instances, {cdf['task'].nunique()} tasks, device {args.device}, {torch.get_num_threads()} threads")
-    print("| path | episodes | images embedded | seconds | episodes/s | speed-up |")
-    print("|---|---|---|---|---|---|")
-    print(f"| embed every episode | {n} | {pn} | {ps:.2f} | {n / ps:.1f} | 1.00x |")
-    print(f"| feature cache | {n} | {cn} | {cs:.2f} | {n / cs:.1f} | {ps / cs:.2f}x |")
-    print(f"max |metric difference| between the paths: {diff:.2e}; episodes with any difference: {differing}/{n} "
-          f"(metrics {metrics}; TF32 {'off' if args.strict_fp32 else 'default'})")
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            results[mode] = (df, seconds, cpu, counter.images)
+    pdf, ps, pc, pn = results["embed every episode"]
+    metrics = [m for m in ("accuracy", "balanced_accuracy", "auroc", "mae") if m in pdf]
+    n = len(pdf)
+    weights = f" ({pretrained})" if pretrained else ""
+    print(f"# protocol feature cache: ProtoNet/{backbone_name}{weights}, {args.data} data, {image_size}px, shots "
+          f"{list(shots)}, {instances} instances, {pdf['task'].nunique()} tasks, device {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    print("| path | episodes | images embedded | seconds | episodes/s | speed-up | CPU seconds | speed-up (CPU) "
+          "| max abs metric difference |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    differing_total = 0
+    for mode, (df, sec, cpu, images) in results.items():
+        if mode == "warm-up":
+            continue
+        delta = np.abs(df[metrics].to_numpy(float) - pdf[metrics].to_numpy(float))
+        differing_total += int((np.nan_to_num(delta) > 1e-9).any(axis=1).sum())
+        print(f"| {mode} | {len(df)} | {images} | {sec:.2f} | {len(df) / sec:.1f} | {ps / sec:.2f}x | {cpu:.2f} | "
+              f"{pc / cpu:.2f}x | {np.nanmax(delta) if delta.size else 0.0:.2e} |")
+    print(f"episodes with any metric difference from the plain path: {differing_total} (over {n} episodes x "
+          f"{len(results) - 2} paths; metrics {metrics}; TF32 {'off' if args.strict_fp32 else 'default'})")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ import hydra
 from omegaconf import DictConfig
 
 import medmeta.config  # noqa: F401  (registers the structured configs and resolvers)
+from medmeta.cli import CONFIG_PATH  # pkg://medmeta.conf, as medmeta-evaluate (conf/ in a checkout)
 from medmeta.errors import exit_on_user_error
 from medmeta.training.run import run_evaluation
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error("evaluate.py", run_evaluation, cfg)
 

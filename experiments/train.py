@@ -16,11 +16,12 @@ import hydra
 from omegaconf import DictConfig
 
 import medmeta.config  # noqa: F401  (registers the structured configs and resolvers)
+from medmeta.cli import CONFIG_PATH  # pkg://medmeta.conf, as medmeta-train (conf/ in a checkout)
 from medmeta.errors import exit_on_user_error
 from medmeta.training.run import run_training
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     """Returns the best validation metric (what the Optuna sweeper optimises)."""
     return exit_on_user_error("train.py", run_training, cfg).get("best_metric")

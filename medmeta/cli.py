@@ -1,63 +1,55 @@
-"""Console commands ``medmeta-train`` and ``medmeta-evaluate`` (Hydra apps on ``conf/``).
+"""Console commands ``medmeta-train`` and ``medmeta-evaluate`` (Hydra apps).
 
 They run the same apps as ``experiments/train.py`` and ``experiments/evaluate.py`` and accept
-the same Hydra overrides (``medmeta-train experiment=mm_maml trainer.steps=100``). The config
-folder is looked up, in order: ``$MEDMETA_CONFIG_DIR``; ``medmeta/conf`` inside the installed
-package; ``conf/`` beside the package (a checkout or an editable install). When none exists
-the command says so and how to fix it, instead of a Hydra traceback.
+the same Hydra overrides (``medmeta-train experiment=mm_maml trainer.steps=100``). Both read the
+configs from the package ``medmeta.conf`` (Hydra's search path ``pkg://medmeta.conf``; in the
+repository it is the top-level ``conf/`` folder, which setup.cfg installs as that package), so an
+installed wheel works from any folder. Your own configs go in front of the shipped ones with
+Hydra's ``--config-dir /my/conf`` or ``hydra.searchpath=[file:///my/conf]``: a file there adds
+a group option (``/my/conf/learner/mine.yaml`` -> ``learner=mine``) or replaces the shipped
+file of the same name (see docs/experiments.md).
 """
 from __future__ import annotations
 
-import os
-import sys
+import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-__all__ = ["train", "evaluate", "config_dir", "CONFIG_ENV"]
+__all__ = ["train", "evaluate", "config_dir", "CONFIG_PACKAGE", "CONFIG_PATH"]
 
-CONFIG_ENV = "MEDMETA_CONFIG_DIR"
-_MARKERS = ("train.yaml", "evaluate.yaml")
-
-
-def _has_configs(path: Path) -> bool:
-    return path.is_dir() and all((path / m).is_file() for m in _MARKERS)
+CONFIG_PACKAGE = "medmeta.conf"
+CONFIG_PATH = f"pkg://{CONFIG_PACKAGE}"  # what hydra.main / initialize_config_module are given
 
 
 def config_dir() -> Path:
-    """The folder holding medmeta's Hydra configs (see module doc)."""
-    import medmeta
+    """The folder of the installed configs (package ``medmeta.conf``), e.g. for Hydra's
+    ``initialize_config_dir``; a :class:`~medmeta.errors.MissingDataError` when the package is
+    missing (an editable install made before the configs were packaged: run ``pip install -e .``
+    again)."""
+    from medmeta.errors import MissingDataError
 
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not _has_configs(path):
-            raise FileNotFoundError(
-                f"{CONFIG_ENV}={env}: expected a folder with {' and '.join(_MARKERS)} (medmeta's conf/ folder)"
-            )
-        return path
-    package = Path(medmeta.__file__).resolve().parent
-    candidates = [package / "conf", package.parent / "conf"]
-    for path in candidates:
-        if _has_configs(path):
-            return path
-    raise FileNotFoundError(
-        "medmeta's Hydra configs were not found (looked in "
-        + ", ".join(str(c) for c in candidates)
-        + f"). Run from a checkout (pip install -e .), or set {CONFIG_ENV}=/path/to/medmeta/conf"
-    )
-
-
-def _run(config_name: str, task: Callable[[Any], Any]) -> None:
     try:
-        path = config_dir()
-    except FileNotFoundError as err:
-        print(f"medmeta-{config_name}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        spec = importlib.util.find_spec(CONFIG_PACKAGE)
+    except ImportError:
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations or not (Path(locations[0]) / "train.yaml").is_file():
+        raise MissingDataError(
+            f"medmeta's Hydra configs (package {CONFIG_PACKAGE}) are not installed: reinstall medmeta "
+            "(pip install medmeta-<version>.whl, or pip install -e . again in a checkout, which maps conf/ to it)"
+        )
+    return Path(locations[0])
+
+
+def _run(app: str, config_name: str, task: Callable[[Any], Any]) -> None:
+    from medmeta.errors import exit_on_user_error
+
+    exit_on_user_error(app, config_dir)  # one clear line instead of Hydra's "primary config module not found"
     import hydra
 
     import medmeta.config  # noqa: F401  (registers the schemas and resolvers)
 
-    hydra.main(version_base="1.3", config_path=str(path), config_name=config_name)(task)()
+    hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)()
 
 
 def _train_task(cfg: Any) -> Optional[float]:
@@ -75,10 +67,10 @@ def _evaluate_task(cfg: Any) -> None:
 
 
 def train() -> None:
-    """``medmeta-train``: meta-training / pre-training app (see ``conf/train.yaml``)."""
-    _run("train", _train_task)
+    """``medmeta-train``: meta-training / pre-training app (config ``train.yaml``)."""
+    _run("medmeta-train", "train", _train_task)
 
 
 def evaluate() -> None:
-    """``medmeta-evaluate``: evaluation app (see ``conf/evaluate.yaml``)."""
-    _run("evaluate", _evaluate_task)
+    """``medmeta-evaluate``: evaluation app (config ``evaluate.yaml``)."""
+    _run("medmeta-evaluate", "evaluate", _evaluate_task)

@@ -130,13 +130,19 @@ class SamplerConfig:
 class BackboneConfig:
     """A timm model as feature extractor (:func:`medmeta.backbones.create_backbone`).
 
-    ``pretrained``: ``null`` (random init), a local weights file, or a named offline source
-    (``imagenet-mobilenetv2``, ``imagenet-efficientnet-lite0``). ``if_unavailable``: what to
+    ``pretrained``: ``null`` (random init), a local weights file, a named offline source
+    (``imagenet-mobilenetv2``, ``imagenet-efficientnet-lite0``), or timm's weights. ``if_unavailable``: what to
     do when a named source's package is not installed: ``error`` (stop, saying what to
     install) or ``random`` (say so loudly and continue from random initialisation; the run
     records ``backbone_weights: random (fallback)``). A missing local file is always an error.
     ``image_size``: the input size the architecture was designed for (informational; the
     data config's ``image_size`` decides what the images are resized to).
+    ``pretrained: timm`` (or ``true``, ``timm:<tag>``) loads timm's weights through the Hugging
+    Face hub cache (``if_unavailable`` applies when they are neither cached nor downloadable).
+    ``pool``: pooled feature of token models (ViT, DINOv2, CLIP, SigLIP): ``null`` (the model's
+    own), ``token``, ``avg`` or ``token+avg``. ``trainable_blocks``: ``null`` trains the whole
+    backbone, ``k`` only its last ``k`` blocks (partial fine-tuning; ``0`` freezes it). See
+    docs/backbones.md.
     """
 
     name: str = "medmeta_conv4_tiny"
@@ -144,6 +150,8 @@ class BackboneConfig:
     if_unavailable: str = "error"
     in_chans: int = 3
     image_size: int = 32
+    pool: Optional[str] = None
+    trainable_blocks: Optional[int] = None
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -305,6 +313,9 @@ class TrainerConfig:
     ``resume``: ``null`` resumes when the run folder holds ``checkpoints/last.pt`` (a requeued
     job continues), ``true`` requires it, ``false`` starts fresh. ``resume_from``: a checkpoint
     file or run folder to continue from (writing into the current run folder).
+    ``num_threads``: torch's CPU threads for this process (``null``: ``$MEDMETA_NUM_THREADS``, else
+    the CPUs this process may use shared with its ``num_workers`` and torchrun's local ranks; see
+    :mod:`medmeta.threads`).
     """
 
     steps: int = 200
@@ -333,6 +344,7 @@ class TrainerConfig:
     dist_backend: str = "auto"
     seed: int = 0
     num_workers: int = 0
+    num_threads: Optional[int] = None
     resume: Optional[bool] = None
     resume_from: Optional[str] = None
     progress: bool = True
@@ -387,7 +399,9 @@ class EvaluateConfig:
     ``learners`` maps method names to learner configs (compose with
     ``+learner@learners.<name>=<option>``). ``checkpoint``: a medmeta checkpoint or run folder;
     learners of the checkpoint's method load all their weights, the others its backbone
-    (``checkpoint_load``: ``auto``, ``backbone`` or ``learner``).
+    (``checkpoint_load``: ``auto``, ``backbone`` or ``learner``). ``num_threads``: torch's CPU
+    threads (``null``: ``$MEDMETA_NUM_THREADS``, else the CPUs this process may use; see
+    :mod:`medmeta.threads`).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -398,6 +412,7 @@ class EvaluateConfig:
     checkpoint: Optional[str] = None
     checkpoint_load: str = "auto"
     device: str = "auto"
+    num_threads: Optional[int] = None
     seed: int = 0
     progress: bool = True
     run_name: str = "evaluate"

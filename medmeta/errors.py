@@ -28,6 +28,8 @@ __all__ = [
     "ArgumentError",
     "MissingDependencyError",
     "UntrustedFileError",
+    "DiskFullError",
+    "BusyError",
     "exit_on_user_error",
     "known_names",
 ]
@@ -86,6 +88,19 @@ class UntrustedFileError(UserError, PermissionError):
 
     def __str__(self) -> str:  # OSError would format its args as "[Errno ...]"
         return str(self.args[0]) if self.args else ""
+
+
+class DiskFullError(UserError, OSError):
+    """A write failed for lack of space (``ENOSPC`` / ``EDQUOT``); the message names the file. The
+    file it was replacing (a checkpoint, a dataset) is left as it was."""
+
+    def __str__(self) -> str:  # OSError would format its args as "[Errno ...]"
+        return str(self.args[0]) if self.args else ""
+
+
+class BusyError(UserError, RuntimeError):
+    """A run folder or data root is in use by another live process (see :mod:`medmeta.locks`);
+    the message names that process (pid, host, start time)."""
 
 
 def known_names(name: str, known: Iterable[str], limit: int = 30, *, what: str = "") -> str:

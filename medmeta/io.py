@@ -14,6 +14,7 @@ ever runs, with an error that names the file when it is missing or holds more th
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -21,9 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-from medmeta.errors import DataFormatError, MissingDataError, UserError
+from medmeta.errors import DataFormatError, DiskFullError, MissingDataError, UserError
 
-__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "load_torch_file"]
+__all__ = [
+    "atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "load_torch_file",
+    "is_disk_full", "disk_full_error", "contained_path",
+]
 
 PathLike = Union[str, Path]
 
@@ -32,6 +36,46 @@ def _file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def contained_path(base: PathLike, relative: Any, where: str) -> Path:
+    """``base / relative`` for a path read from a table, refused (a
+    :class:`~medmeta.errors.DataFormatError` naming ``where``) when it is empty, absolute, or
+    leaves ``base`` through ``..`` or a symlink: a table never makes medmeta read files outside its folder."""
+    text = "" if relative is None else str(relative).strip()
+    if not text:
+        raise DataFormatError(f"{where}: an empty file path (expected a path relative to {base})")
+    base = Path(base)
+    path = base / text
+    root = base.resolve()
+    target = path.resolve()
+    if Path(text).is_absolute() or (target != root and root not in target.parents):
+        raise DataFormatError(
+            f"{where}: file path {text!r} points outside {base} (to {target}); expected a path inside that folder "
+            f"(no '..', absolute paths or symlinks leading out)"
+        )
+    return path
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write that failed for lack of space (``ENOSPC``, ``EDQUOT``; h5py and
+    other libraries that re-raise without the errno keep the C library's message)."""
+    if not isinstance(err, OSError) or isinstance(err, DiskFullError):
+        return False
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def disk_full_error(path: PathLike, err: BaseException, kept: str = "") -> DiskFullError:
+    """The :class:`~medmeta.errors.DiskFullError` for a write of ``path`` that ran out of space;
+    ``kept`` says what was left intact."""
+    return DiskFullError(
+        f"{path}: no space left on the device while writing it ({err}); "
+        + (kept or f"the previous {Path(path).name}, if any, is left as it was")
+        + "; free some space and run again"
+    )
 
 
 @contextmanager
@@ -50,8 +94,10 @@ def atomic_path(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise disk_full_error(path, err) from err
         raise
 
 

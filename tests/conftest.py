@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the apps set their own thread count (medmeta.threads): one per xdist worker, or two workers
+# oversubscribe the two cores and OpenMP spin-waits make every later test 10-30x slower
+os.environ.setdefault("MEDMETA_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402

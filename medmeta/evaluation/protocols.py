@@ -15,7 +15,9 @@ afterwards, so every method and every later run sees exactly the same images.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -54,6 +56,7 @@ __all__ = [
 
 RESULT_COLUMNS = (
     "method",
+    "transductive",
     "dataset",
     "task",
     "domain",
@@ -91,6 +94,10 @@ class ProtocolConfig:
             without enough images are left out, counted and reported).
         report_scale: multipliers for reported numbers (e.g. ``{"auroc": 100}``).
         feature_cache: solve frozen-backbone learners on cached features.
+        feature_cache_dir: a folder of on-disk feature files shared by methods and runs
+            (:mod:`medmeta.evaluation.feature_cache`: keyed by data, image transform, backbone
+            weights; a second method or run with the same backbone embeds nothing). ``None``
+            (default): features are cached in memory for one learner and task only.
         embed_batch_size: images per embedding call of the feature cache.
     """
 
@@ -109,6 +116,7 @@ class ProtocolConfig:
     on_insufficient: str = "error"
     report_scale: dict[str, float] = field(default_factory=dict)
     feature_cache: bool = True
+    feature_cache_dir: Optional[str] = None
     embed_batch_size: int = 256
 
     def __post_init__(self) -> None:
@@ -136,6 +144,8 @@ class ProtocolConfig:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ValueError(f"ProtocolConfig.name: use letters, digits, '_', '.', '-' only, got {self.name!r}")
         self.report_scale = dict(self.report_scale)
+        if self.feature_cache_dir is not None:
+            self.feature_cache_dir = str(Path(self.feature_cache_dir).expanduser())
 
     def episode_settings(self) -> dict[str, Any]:
         """The settings that determine the episodes (stored in and checked against episode lists)."""
@@ -332,7 +342,8 @@ def evaluate_episodes(
     try:
         with torch.random.fork_rng(devices=fork_devices):
             cache = (
-                FeatureCache.for_specs(learner, source, specs, batch_size=config.embed_batch_size, device=device)
+                FeatureCache.for_specs(learner, source, specs, batch_size=config.embed_batch_size, device=device,
+                                       cache_dir=config.feature_cache_dir)
                 if use_cache and specs
                 else None
             )
@@ -421,8 +432,11 @@ def run_protocol(
         progress: show a progress bar on stderr.
 
     Returns:
-        A tidy table, one row per (method, episode): ``method, dataset, task, domain, target,
-        split, shots, instance, n_way, n_support, n_query, seconds`` and the metric columns.
+        A tidy table, one row per (method, episode): ``method, transductive, dataset, task,
+        domain, target, split, shots, instance, n_way, n_support, n_query, seconds`` and the
+        metric columns (``transductive``: the learner used the unlabelled query set, see
+        :attr:`medmeta.learners.base.Learner.transductive`; each episode's query set is passed
+        to the predictor whole).
         ``df.attrs`` holds ``protocol`` (the settings) and ``skipped`` (what was left out, why).
     """
     if not isinstance(learners, Mapping) or not learners:
@@ -457,13 +471,29 @@ def run_protocol(
     total = sum(len(specs) for _, specs in plan) * len(learners)
     bar = _progress(total, progress, config.name)
     rows: list[dict[str, Any]] = []
+    partial = Path(out_dir) / PARTIAL_DIR if out_dir is not None else None
+    stamps = {name: _learner_stamp(name, learner) for name, learner in learners.items()} if partial else {}
     try:
         for source, specs in plan:
             for name, learner in learners.items():
                 if bar is not None:
                     bar.set_description(f"{config.name}: {name} on {specs[0].dataset_id}/{specs[0].task_name}")
-                for row in evaluate_episodes(learner, source, specs, config, device=device, progress_bar=bar):
-                    rows.append({"method": name, **row})
+                # Transductive learners use the unlabelled query set (the whole set in one call).
+                transductive = bool(getattr(learner, "transductive", False))
+                chunk = _chunk_path(partial, config, stamps[name], specs) if partial is not None else None
+                done = _read_chunk(chunk, len(specs)) if chunk is not None else None
+                if done is not None:  # finished by an earlier, interrupted run on this folder
+                    rows.extend(done)
+                    if bar is not None:
+                        bar.update(len(done))
+                    continue
+                chunk_rows = [{"method": name, "transductive": transductive, **row}
+                              for row in evaluate_episodes(learner, source, specs, config, device=device, progress_bar=bar)]
+                if chunk is not None:
+                    from medmeta.io import write_bytes_atomic
+
+                    write_bytes_atomic(chunk, json.dumps(chunk_rows, default=_plain).encode("utf-8"))
+                rows.extend(chunk_rows)
     finally:
         if bar is not None:
             bar.close()
@@ -474,7 +504,55 @@ def run_protocol(
         from medmeta.evaluation.reports import write_report
 
         write_report(df, out_dir, config)
+        if partial is not None:  # the report holds every row now
+            shutil.rmtree(partial, ignore_errors=True)
     return df
+
+
+PARTIAL_DIR = "partial"
+"""Folder of ``out_dir`` holding each finished (task, method) chunk of an unfinished protocol run."""
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _learner_stamp(name: str, learner: Learner) -> str:
+    """A hash of what makes a learner's results: its name, class, settings and weights (so a chunk
+    left by a run of another learner, or of other weights, is never reused)."""
+    h = hashlib.blake2b(digest_size=10)
+    h.update(f"{name}\x1f{type(learner).__module__}.{type(learner).__qualname__}".encode())
+    settings = {k: v for k, v in vars(learner).items()
+                if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None), tuple))}
+    h.update(repr(sorted(settings.items())).encode())
+    for key, tensor in learner.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes() if tensor.dtype != torch.bfloat16
+                 else tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _chunk_path(folder: Path, config: ProtocolConfig, stamp: str, specs: Sequence[EpisodeSpec]) -> Path:
+    h = hashlib.blake2b(digest_size=10)
+    h.update(repr(sorted(config.to_dict().items())).encode())
+    h.update(stamp.encode())
+    for spec in specs:
+        h.update(f"{spec.key}\x1f{spec.seed}\x1f".encode())
+        h.update(np.asarray(spec.support_positions, dtype=np.int64).tobytes())
+        h.update(np.asarray(spec.query_positions, dtype=np.int64).tobytes())
+    first = specs[0]
+    return folder / f"{_safe(first.dataset_id)}__{_safe(first.task_name)}__{h.hexdigest()}.json"
+
+
+def _read_chunk(path: Path, expected: int) -> Optional[list[dict[str, Any]]]:
+    """The rows of a finished chunk, or ``None`` when there is none (or it is not whole)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rows, list) or len(rows) != expected or not all(isinstance(r, dict) for r in rows):
+        return None
+    return rows
 
 
 def _tidy(rows: list[dict[str, Any]], config: ProtocolConfig) -> pd.DataFrame:
@@ -486,6 +564,7 @@ def _tidy(rows: list[dict[str, Any]], config: ProtocolConfig) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, *metric_cols])
     int_cols = ["shots", "instance", "n_way", "n_support", "n_query"]
     df[int_cols] = df[int_cols].astype(np.int64)
+    df["transductive"] = df["transductive"].astype(bool)
     return df
 
 

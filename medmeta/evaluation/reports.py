@@ -26,6 +26,7 @@ __all__ = [
     "plot_scores_vs_shots",
     "write_report",
     "results_table",
+    "transductive_methods",
     "protocol_summary",
     "write_bytes_atomic",
 ]
@@ -104,6 +105,9 @@ def markdown_summary(
         for _, r in summary.iterrows()
     ]
     parts = [f"# {title}", "", "Mean ± 95% CI (1.96 x standard error over episodes).", "", _markdown_table(header, rows)]
+    transductive = transductive_methods(df)
+    if transductive:
+        parts += ["", f"Transductive (they use the unlabelled query set): {', '.join(transductive)}."]
     if rank_metric is not None and df["method"].nunique() > 0:
         ranking = rank_then_aggregate(df, score=rank_metric, higher_is_better=higher_is_better)
         s = scale.get(rank_metric, 1.0)
@@ -219,13 +223,28 @@ def _task_score(rows: pd.DataFrame, metric: str) -> float:
     return float(per_shot.mean()) if len(per_shot) else float("nan")
 
 
+def transductive_methods(df: pd.DataFrame) -> list[str]:
+    """Methods whose rows are marked ``transductive`` (they used the unlabelled query set), in
+    table order; none for tables without the column (results written before it existed)."""
+    if "transductive" not in df.columns:
+        return []
+    marked = df[df["transductive"].astype(bool)]["method"]
+    return list(dict.fromkeys(marked))
+
+
 def results_table(df: pd.DataFrame, protocol: Any) -> str:
     """A plain-text table of the protocol's primary metric: one row per task, one column per
     method (mean ± 95% CI over episodes and shots, scaled as the protocol reports), then the mean
-    over tasks and, with two or more methods, the mean rank (rank then aggregate)."""
+    over tasks and, with two or more methods, the mean rank (rank then aggregate).
+
+    Transductive methods (:func:`transductive_methods`) come after the inductive ones, under their
+    own column-group heading; ranks are over all methods. Without them the table has no groups."""
     metric = protocol.primary_metric
     scale = _report_scale(protocol, metric)
     methods = list(dict.fromkeys(df["method"]))
+    transductive = transductive_methods(df)
+    if transductive:
+        methods = [m for m in methods if m not in transductive] + transductive
     tasks = list(dict.fromkeys(zip(df["dataset"], df["task"])))
     header = ["task"] + methods
     rows: list[list[str]] = []
@@ -249,13 +268,24 @@ def results_table(df: pd.DataFrame, protocol: Any) -> str:
             log.warning("rank then aggregate not available: %s", err)
     table = [header] + rows + footer
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    groups: list[tuple[str, int, int]] = []  # (label, first column, columns)
+    if transductive:
+        n_inductive = len(methods) - len(transductive)
+        groups = [g for g in (("inductive", 1, n_inductive), ("transductive", 1 + n_inductive, len(transductive))) if g[2]]
+        for label, start, n in groups:  # widen a group's last column until its heading fits
+            span = sum(widths[start : start + n]) + 2 * (n - 1)
+            widths[start + n - 1] += max(0, len(label) + 2 - span)
 
     def line(r: Sequence[str]) -> str:
         return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     title = f"{protocol.name}: {metric}" + (f" x{scale:g}" if scale != 1 else "") + " (mean ± 95% CI)"
     sep = "-" * len(line(header))
-    return "\n".join([title, sep, line(header), sep, *[line(r) for r in rows], sep, *[line(r) for r in footer]])
+    heading = [line(header)]
+    if groups:
+        spans = [f" {label} ".center(sum(widths[start : start + n]) + 2 * (n - 1), "-") for label, start, n in groups]
+        heading.insert(0, "  ".join([" " * widths[0], *spans]))
+    return "\n".join([title, sep, *heading, sep, *[line(r) for r in rows], sep, *[line(r) for r in footer]])
 
 
 def protocol_summary(df: pd.DataFrame, protocol: Any) -> dict[str, Any]:

@@ -14,6 +14,9 @@ Learners whose predictions depend on images only through a frozen backbone set
 ``frozen_backbone = True`` and implement :meth:`Learner.adapt_features` (see
 :class:`~medmeta.learners.frozen.FrozenFeatureLearner`), so protocols can embed every image
 once and solve episodes on cached features.
+
+Transductive learners (``transductive = True``) use the unlabelled query set: their predictor
+gets the whole query set in one call, and protocols record them in a ``transductive`` column.
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ class Learner(nn.Module):
     frozen_backbone: bool = False
     #: How the training app trains this learner; ``None``: it adapts at test time only.
     training_kind: ClassVar[Optional[TrainingKind]] = None
+    #: True when predictions use the unlabelled query set (TIM, PT-MAP, ...): the predictor must
+    #: get the whole query set in one call, and protocols mark its results as transductive.
+    transductive: ClassVar[bool] = False
 
     def adapt(self, support_images: Tensor, support_labels: Tensor, description: TaskDescription) -> Predictor:
         """Adapt to a support set; return a callable mapping query images to logits."""

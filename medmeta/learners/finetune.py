@@ -95,6 +95,9 @@ class FineTune(Learner):
         augment: ``None``, ``"medimeta"`` (:class:`MedIMetaAugment`) or a callable on batches.
         weight_decay: optimiser weight decay.
         backbone_lr: learning rate of the backbone (``0`` freezes it: a head-only fine-tune).
+            Only backbone parameters that require gradients train, so partial fine-tuning is
+            ``create_backbone(..., trainable_blocks=k)`` (Hydra: ``backbone.trainable_blocks=k``),
+            which freezes all but the last ``k`` blocks (docs/backbones.md).
         head_init: ``"default"`` (PyTorch's ``nn.Linear`` init) or ``"zero"``.
         ordinal_loss: ``"ce"`` or ``"soft"`` for ordinal tasks.
 

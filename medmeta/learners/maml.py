@@ -11,11 +11,20 @@
 
 As in MedIMeta's mm-MAML every task gets a new head sized from the task (one output for
 binary tasks, one per class otherwise), zero-initialised by default, so one meta-batch can mix
-task kinds and ways. The inner loop is written with ``torch.func.functional_call`` and
-``torch.func.grad``: parameters are passed as tensors, modules are never patched, and the
-meta-gradient is plain autograd on the module's parameters (``meta_loss(episodes).backward()``
-fills ``.grad``, which a distributed loop can all-reduce). Tasks of equal shape can be batched
-with ``torch.func.vmap`` (``vmap=True``).
+task kinds and ways. The inner loop (:func:`inner_loop`) runs the model with
+``torch.func.functional_call``: parameters are passed as tensors, modules are never patched, and
+the meta-gradient is plain autograd on the module's parameters (``meta_loss(episodes).backward()``
+fills ``.grad``, which a distributed loop can all-reduce). Inner gradients come from
+``torch.autograd.grad``; tasks of equal shape can be batched with ``torch.func.vmap``
+(``vmap=True``), where ``torch.func.grad`` takes over.
+
+Speed (``benchmarks/bench_maml.py``): train/eval flags are set once per call, not per forward
+pass; with the zero head the first inner step adapts only the head (the backbone's gradient is
+exactly zero there), so it needs no backward pass through the backbone, and its forward pass
+doubles as the BatchNorm refresh. The meta-gradients are those of the plain algorithm
+(``tests/learners/test_learner_maml_fast_paths.py``). One visible difference: with Meta-SGD and
+one inner step the backbone's learned rates multiply only that zero gradient, so they get no
+``.grad`` (``None`` instead of zeros).
 
 Training and evaluation have separate inner settings (MedIMeta: 4 steps in training and 32
 at evaluation, inner SGD learning rate 0.1). :meth:`MAML.meta_loss` uses the training
@@ -46,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from medmeta.learners.base import EpisodeScope, Learner, Predictor
@@ -133,6 +143,30 @@ def _lr_key(name: str) -> str:
 InnerRate = Union[float, Callable[[int, str], Union[float, Tensor]]]
 
 
+def _in_functorch_transform() -> bool:
+    """True inside ``torch.func.vmap`` / ``grad`` (where ``torch.autograd.grad`` cannot be used)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _as_inputs(d: Params, first_order: bool) -> Params:
+    """Independent variables standing for ``d``'s tensors, as ``torch.func.grad`` sees its arguments.
+
+    First order: new leaves (no graph behind them). Second order: an alias (a view) of each tensor
+    in a graph, so the gradient is the partial derivative through this use only (the head can
+    depend on the backbone parameters, e.g. a prototype head) and still has a graph to the
+    tensor; other tensors become new leaves.
+    """
+    if first_order:
+        return {n: t.detach().requires_grad_() for n, t in d.items()}
+    return {n: t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for n, t in d.items()}
+
+
+def _sgd_update(p: Tensor, g: Tensor, r: Union[float, Tensor]) -> Tensor:
+    if isinstance(r, Tensor):
+        return p - r * g
+    return torch.add(p, g, alpha=-r)
+
+
 def inner_loop(
     loss_fn: Callable[..., Tensor],
     params: Sequence[Params],
@@ -149,6 +183,13 @@ def inner_loop(
     result is differentiable w.r.t. ``params`` through every step (second-order MAML); with
     ``first_order=True`` the inner gradients are constants (FOMAML, ANIL). Returns the adapted
     dicts in the order of ``params``.
+
+    Outside ``torch.func`` transforms the gradients come from plain ``torch.autograd.grad``
+    (each tensor replaced by an independent variable, see :func:`_as_inputs`; an unused tensor
+    gets a zero gradient), which has less per-operation overhead than ``torch.func.grad``;
+    inside ``vmap`` (tasks batched) ``torch.func.grad`` is used. Both give the same gradients.
+    The gradients are computed even under ``torch.no_grad`` (evaluation); the updates follow
+    the caller's grad mode.
     """
     if callable(lr):
         rate = lr
@@ -159,13 +200,27 @@ def inner_loop(
             return value
 
     current = tuple(params)
-    grad_fn = grad(loss_fn, argnums=tuple(range(len(current))))
+    if steps <= 0:
+        return current
+    if _in_functorch_transform():
+        grad_fn = grad(loss_fn, argnums=tuple(range(len(current))))
+        for _ in range(steps):
+            if first_order:
+                grads = tuple(_detach(g) for g in grad_fn(*(_detach(p) for p in current)))
+            else:
+                grads = grad_fn(*current)
+            current = tuple({n: p[n] - rate(i, n) * g[n] for n in p} for i, (p, g) in enumerate(zip(current, grads)))
+        return current
     for _ in range(steps):
-        if first_order:
-            grads = tuple(_detach(g) for g in grad_fn(*(_detach(p) for p in current)))
-        else:
-            grads = grad_fn(*current)
-        current = tuple({n: p[n] - rate(i, n) * g[n] for n in p} for i, (p, g) in enumerate(zip(current, grads)))
+        with torch.enable_grad():
+            inputs = tuple(_as_inputs(p, first_order) for p in current)
+            loss = loss_fn(*inputs)
+            flat = [t for d in inputs for t in d.values()]
+            flat_grads = torch.autograd.grad(
+                loss, flat, create_graph=not first_order, allow_unused=True, materialize_grads=True
+            )
+        it = iter(flat_grads)
+        current = tuple({n: _sgd_update(t, next(it), rate(i, n)) for n, t in p.items()} for i, p in enumerate(current))
     return current
 
 
@@ -238,6 +293,11 @@ class MAML(Learner):
         self.vmap = bool(vmap)
         self.update_running_stats = bool(update_running_stats)
         self.ordinal_loss = ordinal_loss
+        # set for the duration of one call by _backbone_state
+        self._state_active = False
+        self._tracking: list[_BatchNorm] = []
+        self._has_bn = False
+        self._own: Params = {}
         if self.learn_inner_lr:
             ref = next(iter(backbone.parameters()), None)
             kw: dict[str, Any] = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
@@ -273,23 +333,68 @@ class MAML(Learner):
             return self.head_inner_lrs[name]
         return self.inner_lr if training else self.eval_inner_lr
 
-    def _functional_buffers(self) -> dict[str, Optional[Tensor]]:
-        """Buffers for ``functional_call``: transductive BatchNorm gets no running statistics."""
-        buffers: dict[str, Optional[Tensor]] = dict(self.backbone.named_buffers())
-        if self.bn_mode == "transductive":
-            for mod_name, mod in self.backbone.named_modules():
-                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                    prefix = f"{mod_name}." if mod_name else ""
-                    for b in ("running_mean", "running_var", "num_batches_tracked"):
-                        if f"{prefix}{b}" in buffers:
-                            buffers[f"{prefix}{b}"] = None
-        return buffers
+    # -- backbone state, set once per call ----------------------------------------------------
+    @contextmanager
+    def _backbone_state(self) -> Iterator[None]:
+        """Train/eval flags for the inner loop, set once per call (not per forward pass), restored after.
+
+        ``"transductive"``: every module in train mode, and BatchNorm layers stop reading and
+        writing running statistics (``track_running_stats`` off for the call), so each forward
+        pass normalises with its own batch and leaves the buffers alone; ``"running"``: every
+        module in eval mode. Nested calls reuse the outer state.
+        """
+        if self._state_active:
+            yield
+            return
+        train = self.bn_mode == "transductive"
+        modules = list(self.backbone.modules())
+        saved = [m.training for m in modules]
+        tracking = [m for m in modules if isinstance(m, _BatchNorm) and m.track_running_stats] if train else []
+        self.backbone.train(train)
+        for bn in tracking:
+            bn.track_running_stats = False
+        self._state_active, self._tracking = True, tracking
+        self._has_bn = any(isinstance(m, _BatchNorm) for m in modules)
+        self._own = dict(self.backbone.named_parameters())
+        try:
+            yield
+        finally:
+            self._state_active, self._tracking, self._own = False, [], {}
+            for m, flag in zip(modules, saved):
+                m.training = flag
+            for bn in tracking:
+                bn.track_running_stats = True
+
+    @contextmanager
+    def _tracking_on(self) -> Iterator[None]:
+        """Inside :meth:`_backbone_state`: BatchNorm layers update their running statistics again."""
+        for m in self._tracking:
+            m.track_running_stats = True
+        try:
+            yield
+        finally:
+            for m in self._tracking:
+                m.track_running_stats = False
+
+    def _is_own(self, params: Mapping[str, Tensor]) -> bool:
+        """``params`` are the backbone's own parameter tensors (so the module can be called as is)."""
+        own = self._own
+        return len(params) == len(own) and all(params.get(n) is p for n, p in own.items())
+
+    def _forward(self, params: Mapping[str, Tensor], images: Tensor, update_stats: bool = False) -> Tensor:
+        """Backbone features inside :meth:`_backbone_state` (``update_stats``: also refresh BatchNorm)."""
+        if update_stats:
+            with self._tracking_on():
+                return self._forward(params, images)
+        if self._is_own(params):
+            out: Tensor = self.backbone(images)
+            return out
+        return functional_call(self.backbone, dict(params), (images,))
 
     def features(self, params: Params, images: Tensor) -> Tensor:
         """Backbone features ``(B, D)`` computed with ``params`` (all backbone parameters)."""
-        with _modes(self.backbone, self.bn_mode == "transductive"):
-            # None buffers (transductive BatchNorm) are allowed by functional_call, not by its annotation
-            return functional_call(self.backbone, (params, self._functional_buffers()), (images,))  # type: ignore[arg-type]
+        with self._backbone_state():
+            return self._forward(params, images)
 
     def _head_init(self, support_features: Optional[Tensor], labels: Tensor, description: TaskDescription, ref: Tensor) -> Params:
         if self.head_init == "proto":
@@ -305,28 +410,59 @@ class MAML(Learner):
     # -- the inner loop -------------------------------------------------------------------
     def _inner_loop(
         self, params: Params, support_images: Tensor, support_labels: Tensor, description: TaskDescription,
-        steps: int, training: bool,
+        steps: int, training: bool, refresh: bool = False,
     ) -> AdaptedTask:
-        """SGD on the support loss; differentiable w.r.t. ``params`` unless first-order."""
+        """SGD on the support loss; differentiable w.r.t. ``params`` unless first-order.
+
+        Runs inside :meth:`_backbone_state`. ``refresh``: update the BatchNorm running
+        statistics from the support set first (a train-mode forward pass with ``params``).
+
+        Work that cannot change the result is skipped. With a zero-initialised head the first
+        step's gradient w.r.t. the backbone is exactly zero (the support loss reaches the
+        features only through the zero weight, and stays zero as a function of the backbone),
+        so that step leaves the backbone as it is and adapts only the head, on the support
+        features at the starting parameters: no backward pass through the backbone. In
+        transductive mode that forward pass is also the refresh pass (same parameters, same
+        images, train mode), so the running statistics need no pass of their own.
+        """
         first_order = self.first_order or not training
         adapt_names = [n for n, _ in self._adapted_items()]
         adapted = {n: params[n] for n in adapt_names}
         fixed = {n: p for n, p in params.items() if n not in adapted}
         ref = next(iter(params.values())) if params else support_images
-        support_features = None
-        if self.head_only or self.head_init == "proto":
-            support_features = self.features(params, support_images)
-        head = self._head_init(support_features, support_labels, description, ref)
-        inner_features = None
-        if self.head_only:
-            assert support_features is not None
-            inner_features = support_features.detach() if first_order else support_features
         target = description.task_target
+        ordinal_loss = self.ordinal_loss
+        zero_start = self.head_init == "zero" and not self.head_only and steps > 0 and bool(adapted)
+        support_first = self.head_only or self.head_init == "proto" or zero_start
+        fold = refresh and support_first and self.bn_mode == "transductive" and self._is_own(params)
+        if refresh and not fold:
+            self._refresh_running_stats([support_images])
+        support_features = None
+        if support_first:
+            # first order (and no prototype head): the head's inner loop treats the features as constants
+            keep_graph = not first_order or self.head_init == "proto"
+            with nullcontext() if keep_graph else torch.no_grad():
+                support_features = self._forward(params, support_images, update_stats=fold)
+        head = self._head_init(support_features, support_labels, description, ref)
+
+        def head_rate(group: int, name: str) -> Union[float, Tensor]:
+            return self._head_lr(name, training)
+
+        if self.head_only or zero_start:
+            assert support_features is not None
+            feats = support_features.detach() if first_order else support_features
+
+            def head_loss(head_: Params) -> Tensor:
+                return task_loss(F.linear(feats, head_["weight"], head_["bias"]), support_labels, target, ordinal_loss=ordinal_loss)
+
+            (head,) = inner_loop(head_loss, (head,), steps if self.head_only else 1, head_rate, first_order)
+            if self.head_only:
+                return AdaptedTask(params=params, head=head)
+            steps -= 1
 
         def support_loss(adapted_: Params, head_: Params) -> Tensor:
-            feats = inner_features if inner_features is not None else self.features({**fixed, **adapted_}, support_images)
-            logits = F.linear(feats, head_["weight"], head_["bias"])
-            return task_loss(logits, support_labels, target, ordinal_loss=self.ordinal_loss)
+            logits = F.linear(self._forward({**fixed, **adapted_}, support_images), head_["weight"], head_["bias"])
+            return task_loss(logits, support_labels, target, ordinal_loss=ordinal_loss)
 
         def rate(group: int, name: str) -> Union[float, Tensor]:
             return self._lr(name, training) if group == 0 else self._head_lr(name, training)
@@ -336,12 +472,16 @@ class MAML(Learner):
 
     def forward_adapted(self, adapted: AdaptedTask, images: Tensor) -> Tensor:
         """Logits of ``images`` under adapted parameters and head."""
-        feats = self.features(adapted.params, images)
+        with self._backbone_state():
+            feats = self._forward(adapted.params, images)
         return F.linear(feats, adapted.head["weight"], adapted.head["bias"])
 
-    def _task_logits(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, description: TaskDescription, training: bool) -> Tensor:
+    def _task_logits(
+        self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, description: TaskDescription, training: bool,
+        refresh: bool = False,
+    ) -> Tensor:
         steps = self.inner_steps if training else self.eval_inner_steps
-        adapted = self._inner_loop(params, sx, sy, description, steps, training)
+        adapted = self._inner_loop(params, sx, sy, description, steps, training, refresh)
         return self.forward_adapted(adapted, qx)
 
     def adapt_parameters(
@@ -353,12 +493,13 @@ class MAML(Learner):
         meta-parameters; otherwise the evaluation settings are used without a graph.
         """
         check_support(support_images, support_labels, description)
-        if training:
-            params: Params = dict(self.backbone.named_parameters())
-            return self._inner_loop(params, support_images, support_labels, description, self.inner_steps, True)
-        params = _detach(dict(self.backbone.named_parameters()))
-        with torch.no_grad():
-            return self._inner_loop(params, support_images, support_labels, description, self.eval_inner_steps, False)
+        with self._backbone_state():
+            if training:
+                params: Params = dict(self.backbone.named_parameters())
+                return self._inner_loop(params, support_images, support_labels, description, self.inner_steps, True)
+            params = _detach(dict(self.backbone.named_parameters()))
+            with torch.no_grad():
+                return self._inner_loop(params, support_images, support_labels, description, self.eval_inner_steps, False)
 
     # -- Learner API ----------------------------------------------------------------------
     def adapt(self, support_images: Tensor, support_labels: Tensor, description: TaskDescription) -> Predictor:
@@ -372,33 +513,39 @@ class MAML(Learner):
         return predict
 
     @torch.no_grad()
-    def _refresh_running_stats(self, episodes: Sequence[Episode]) -> None:
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.backbone.modules()):
-            return
-        with _modes(self.backbone, True):
-            for ep in episodes:
-                self.backbone(ep.support_images)
+    def _refresh_running_stats(self, images: Sequence[Tensor]) -> None:
+        """One train-mode forward pass per support set, updating BatchNorm running statistics."""
+        with self._backbone_state():
+            if not self._has_bn:
+                return
+            with _modes(self.backbone, True), self._tracking_on():
+                for x in images:
+                    self.backbone(x)
 
     def query_logits(self, episodes: Sequence[Episode], training: bool = True) -> list[Tensor]:
         """Query logits of every episode after its inner loop.
 
         ``training=True``: meta-training settings, differentiable w.r.t. the meta-parameters
-        (and BatchNorm running statistics refreshed first when enabled); ``False``: evaluation
-        settings under ``torch.no_grad``.
+        (and BatchNorm running statistics refreshed from each support set when enabled, task by
+        task as in :meth:`meta_backward`); ``False``: evaluation settings under ``torch.no_grad``.
         """
         check_episodes(episodes)
-        if training and self.update_running_stats:
-            self._refresh_running_stats(episodes)
-        params: Params = dict(self.backbone.named_parameters())
-        if not training:
-            params = _detach(params)
-        with nullcontext() if training else torch.no_grad():
-            if not self.vmap:
-                return [
-                    self._task_logits(params, ep.support_images, ep.support_labels, ep.query_images, ep.description, training)
-                    for ep in episodes
-                ]
-            return self._vmapped_logits(params, episodes, training)
+        with self._backbone_state():
+            refresh = training and self.update_running_stats
+            if refresh and self.vmap:
+                self._refresh_running_stats([ep.support_images for ep in episodes])
+            params: Params = dict(self.backbone.named_parameters())
+            if not training:
+                params = _detach(params)
+            with nullcontext() if training else torch.no_grad():
+                if not self.vmap:  # task by task, each refreshing the statistics as meta_backward does
+                    return [
+                        self._task_logits(
+                            params, ep.support_images, ep.support_labels, ep.query_images, ep.description, training, refresh
+                        )
+                        for ep in episodes
+                    ]
+                return self._vmapped_logits(params, episodes, training)
 
     def _vmapped_logits(self, params: Params, episodes: Sequence[Episode], training: bool) -> list[Tensor]:
         groups: dict[tuple, list[int]] = {}
@@ -466,7 +613,8 @@ class MAML(Learner):
         * ``vmap=True``: tasks of equal shapes are batched with ``torch.func.vmap`` and share one
           graph, backpropagated together (``episode_scope`` is not used: the tasks run as one).
         * otherwise task by task, each inside ``episode_scope(episode)``: the task's support set
-          refreshes the BatchNorm running statistics (``update_running_stats``), its graph (with
+          refreshes the BatchNorm running statistics (``update_running_stats``; in transductive
+          mode within the inner loop's first forward pass, see :meth:`_inner_loop`), its graph (with
           second-order MAML, every inner step's) is backpropagated and freed, so peak memory is
           that of one task instead of the whole meta-batch.
         """
@@ -476,16 +624,18 @@ class MAML(Learner):
             (losses.sum() * scale).backward()
             return losses.detach().mean()
         check_episodes(episodes)
-        params: Params = dict(self.backbone.named_parameters())
         total: Optional[Tensor] = None
-        for ep in episodes:
-            with episode_scope(ep) if episode_scope is not None else nullcontext():
-                if self.update_running_stats:
-                    self._refresh_running_stats([ep])
-                logits = self._task_logits(params, ep.support_images, ep.support_labels, ep.query_images, ep.description, True)
-                loss = task_loss(logits, ep.query_labels, ep.description.task_target, ordinal_loss=self.ordinal_loss)
-                (loss * scale).backward()
-            total = loss.detach() if total is None else total + loss.detach()
+        with self._backbone_state():
+            params: Params = dict(self.backbone.named_parameters())
+            for ep in episodes:
+                with episode_scope(ep) if episode_scope is not None else nullcontext():
+                    logits = self._task_logits(
+                        params, ep.support_images, ep.support_labels, ep.query_images, ep.description, True,
+                        refresh=self.update_running_stats,
+                    )
+                    loss = task_loss(logits, ep.query_labels, ep.description.task_target, ordinal_loss=self.ordinal_loss)
+                    (loss * scale).backward()
+                total = loss.detach() if total is None else total + loss.detach()
         assert total is not None
         return total / len(episodes)
 

@@ -29,6 +29,7 @@ from medmeta.tasks import TaskDescription
 __all__ = ["TaskBatch", "MixedBatchSampler", "MultiTaskPretrainer", "SAMPLINGS"]
 
 SAMPLINGS = ("proportional", "uniform")
+PRETRAIN_HEADS = ("linear", "cosine")
 
 
 @dataclass
@@ -136,6 +137,8 @@ class MultiTaskPretrainer(Learner):
         eval_learner: learner used by :meth:`adapt` on new tasks (default ``"finetune"``,
             MedIMeta's test protocol), created on the pretrained backbone.
         eval_kwargs: keyword arguments of that learner.
+        head: ``"linear"`` (mm-PT) or ``"cosine"`` (Baseline++'s cosine classifier per task,
+            :class:`~medmeta.learners.baseline_pp.CosineHead`; test with ``eval_learner="baseline_pp"``).
     """
 
     training_kind = "pretraining"
@@ -147,6 +150,7 @@ class MultiTaskPretrainer(Learner):
         ordinal_loss: str = "ce",
         eval_learner: str = "finetune",
         eval_kwargs: Optional[dict[str, Any]] = None,
+        head: str = "linear",
     ) -> None:
         super().__init__()
         if not tasks:
@@ -154,7 +158,15 @@ class MultiTaskPretrainer(Learner):
         self.backbone = backbone
         self.num_features = feature_dim(backbone)
         self.tasks = list(tasks)
-        self.heads = nn.ModuleList(make_head(self.num_features, d) for d in self.tasks)
+        if head not in PRETRAIN_HEADS:
+            raise ValueError(f"MultiTaskPretrainer: head must be one of {PRETRAIN_HEADS}, got {head!r}")
+        self.head = head
+        if head == "cosine":
+            from medmeta.learners.baseline_pp import CosineHead
+
+            self.heads = nn.ModuleList(CosineHead(self.num_features, d) for d in self.tasks)
+        else:
+            self.heads = nn.ModuleList(make_head(self.num_features, d) for d in self.tasks)
         ref = next(iter(backbone.parameters()), None)
         if ref is not None:
             self.heads.to(device=ref.device, dtype=ref.dtype)

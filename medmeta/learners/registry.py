@@ -44,15 +44,29 @@ def create_learner(name: str, backbone: nn.Module, **kwargs: Any) -> Learner:
 
 
 def _register_builtins() -> None:
+    from medmeta.learners.baseline_pp import BaselinePP
+    from medmeta.learners.bd_cspn import BDCSPN
+    from medmeta.learners.feat import FEAT
     from medmeta.learners.finetune import FineTune
-    from medmeta.learners.linear_probe import LinearProbe
+    from medmeta.learners.laplacianshot import LaplacianShot
+    from medmeta.learners.linear_probe import LinearProbe, LinearProbeCV
     from medmeta.learners.maml import ANIL, FOMAML, MAML, MetaSGD, ProtoMAML
+    from medmeta.learners.matchingnet import MatchingNet
+    from medmeta.learners.pmf import PMF
     from medmeta.learners.pretrain import MultiTaskPretrainer
     from medmeta.learners.protonet import ProtoNet
+    from medmeta.learners.pt_map import PTMAP
+    from medmeta.learners.r2d2 import R2D2
+    from medmeta.learners.relationnet import RelationNet
+    from medmeta.learners.reptile import Reptile
+    from medmeta.learners.tim import TIM, AlphaTIM
+    from medmeta.learners.transductive_finetune import TransductiveFineTune
 
     for name, cls in {
         "protonet": ProtoNet,
         "linear_probe": LinearProbe,
+        "linear_probe_cv": LinearProbeCV,
+        "pmf": PMF,
         "finetune": FineTune,
         "maml": MAML,
         "fomaml": FOMAML,
@@ -60,6 +74,18 @@ def _register_builtins() -> None:
         "metasgd": MetaSGD,
         "protomaml": ProtoMAML,
         "mm_pt": MultiTaskPretrainer,
+        "matchingnet": MatchingNet,
+        "relationnet": RelationNet,
+        "feat": FEAT,
+        "baseline_pp": BaselinePP,
+        "r2d2": R2D2,
+        "reptile": Reptile,
+        "tim": TIM,
+        "alpha_tim": AlphaTIM,
+        "pt_map": PTMAP,
+        "laplacianshot": LaplacianShot,
+        "bd_cspn": BDCSPN,
+        "transductive_finetune": TransductiveFineTune,
     }.items():
         LEARNERS.register(name, cls)
 

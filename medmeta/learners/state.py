@@ -135,8 +135,33 @@ def write_checkpoint(payload: Any, path: "str | Path") -> Path:
 
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(payload, handle)
+        writer = _WriteErrors(handle)
+        try:
+            torch.save(payload, writer)  # type: ignore[arg-type]  # a binary file by duck typing
+        except Exception as err:
+            if writer.error is not None:  # torch's zip writer reports a failed write as "unexpected pos"
+                raise writer.error from err
+            raise
     return path
+
+
+class _WriteErrors:
+    """A binary file for ``torch.save`` that keeps the first ``OSError`` of a write (a full disk),
+    which torch would otherwise replace by a ``RuntimeError`` without the cause."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self.handle.write(data))
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def _from_legacy_learner(obj: dict[str, Any]) -> dict[str, Any]:

@@ -55,46 +55,74 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 # data ---------------------------------------------------------------------------------------
-def resolve_normalize(normalize: Optional[str], pretrained: Optional[str]) -> Optional[str]:
+def resolve_normalize(normalize: Optional[str], pretrained: Any, backbone: Optional[str] = None) -> Optional[str]:
     """The image normalisation a run uses: ``auto`` follows the backbone's weights.
 
     ``auto``: a named offline source's own statistics (``imagenet`` for ImageNet mean/std,
-    ``official`` for mean = std = 0.5), ``imagenet`` for a local weights file, and the official
-    MedIMeta loader's ``official`` (mean = std = 0.5) for random initialisation.
+    ``official`` for mean = std = 0.5); for timm's weights (``pretrained=timm``, ``timm:<tag>``)
+    the ``pretrained_cfg`` mean/std of the chosen weights (a :data:`~medmeta.data.transforms.NORMALIZATIONS`
+    name, or ``"mean=...;std=..."``); for a local weights file the statistics of the timm model's
+    default weights (``imagenet`` when timm has none or ``backbone`` is not given); and the
+    official MedIMeta loader's ``official`` (mean = std = 0.5) for random initialisation.
+    Anything else (a name, an explicit ``"mean=R,G,B;std=R,G,B"``, ``None``) is the user's override.
+
+    ``pretrained`` is ``backbone.pretrained``, or the whole ``backbone`` config (its ``name`` then
+    serves as ``backbone``): timm's weights need the model name to know their statistics.
     """
+    if isinstance(pretrained, (Mapping, DictConfig)):
+        backbone = backbone or (None if _get(pretrained, "name") is None else str(_get(pretrained, "name")))
+        pretrained = _get(pretrained, "pretrained")
     if normalize is None or str(normalize) != "auto":
         return None if normalize is None else str(normalize)
+    from medmeta.backbones.pretrained import (
+        is_timm_pretrained,
+        list_pretrained_sources,
+        normalize_pretrained,
+        pretrained_normalization,
+        timm_pretrained_cfg,
+        timm_weights_name,
+    )
+    from medmeta.data.transforms import normalization_spec
+
+    pretrained = normalize_pretrained(pretrained)
     if not pretrained:
         return "official"
-    from medmeta.backbones.pretrained import list_pretrained_sources, pretrained_normalization
-    from medmeta.data.transforms import NORMALIZATIONS
-
+    if is_timm_pretrained(pretrained):
+        text = str(pretrained)
+        if backbone is None and not (text.startswith("timm:") and "." in text):
+            raise ConfigError(
+                f"data.normalize=auto with backbone.pretrained={pretrained}: the backbone name is needed to read the "
+                f"weights' mean/std (pass the backbone config to resolve_data_config), or set data.normalize"
+            )
+        weights = timm_weights_name(backbone or text[len("timm:"):].partition(".")[0], pretrained)
+        cfg = timm_pretrained_cfg(weights) or {}
+        return normalization_spec(cfg["mean"], cfg["std"]) if cfg.get("mean") and cfg.get("std") else "imagenet"
     if str(pretrained) in list_pretrained_sources():
         mean, std = pretrained_normalization(str(pretrained))
-        for name, (m, s) in NORMALIZATIONS.items():
-            if _close(mean, m) and _close(std, s):
-                return name
-        return "official"
-    return "imagenet"
+        return normalization_spec(mean, std)
+    cfg = (timm_pretrained_cfg(backbone) if backbone else None) or {}
+    return normalization_spec(cfg["mean"], cfg["std"]) if cfg.get("mean") and cfg.get("std") else "imagenet"
 
 
-def _close(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-6 for x, y in zip(a, b))
-
-
-def resolve_data_config(data_cfg: Any, pretrained: Optional[str] = None) -> DictConfig:
+def resolve_data_config(data_cfg: Any, pretrained: Any = None) -> DictConfig:
     """The ``data`` config with every image setting checked and ``normalize=auto`` resolved
-    against ``pretrained`` (``backbone.pretrained``): what the run reads its images with, computed
-    once and used for the meta-dataset and the checkpoint fingerprint alike."""
+    against ``pretrained`` (the ``backbone`` config, or just ``backbone.pretrained``; see
+    :func:`resolve_normalize`): what the run reads its images with, computed once and used for the
+    meta-dataset and the checkpoint fingerprint alike."""
     data = OmegaConf.create(to_plain(data_cfg) if OmegaConf.is_config(data_cfg) else dict(_plain_mapping(data_cfg)))
     channels = data.get("channels")
     if channels is not None and int(channels) not in (1, 3):
         raise ConfigError(f"data.channels: expected null (as stored), 1 or 3, got {channels}")
     normalize = resolve_normalize(data.get("normalize", "auto"), pretrained)
-    from medmeta.data.transforms import NORMALIZATIONS
+    from medmeta.data.transforms import NORMALIZATIONS, check_normalize
 
-    if normalize is not None and normalize not in NORMALIZATIONS:
-        raise ConfigError(f"data.normalize: expected auto, null or one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
+    try:
+        check_normalize(normalize)
+    except ValueError:
+        raise ConfigError(
+            f"data.normalize: expected auto, null, one of {sorted(NORMALIZATIONS)} or 'mean=R,G,B;std=R,G,B', "
+            f"got {normalize!r}"
+        ) from None
     image_size = data.get("image_size")
     if image_size is not None and int(image_size) < 1:
         raise ConfigError(f"data.image_size: expected null (as stored) or a positive size, got {image_size}")
@@ -112,7 +140,7 @@ def _plain_mapping(cfg: Any) -> Mapping[str, Any]:
     return dict(vars(cfg))
 
 
-def open_meta_dataset(data_cfg: Any, pretrained: Optional[str] = None) -> Any:
+def open_meta_dataset(data_cfg: Any, pretrained: Any = None) -> Any:
     """The meta-dataset a ``data`` config names (embedded copy, or a MedIMeta-format folder).
 
     ``data.channels`` / ``data.normalize`` / ``data.image_size`` set how every task reads its
@@ -165,26 +193,41 @@ def build_backbone(backbone_cfg: Any) -> nn.Module:
     """:func:`medmeta.backbones.create_backbone` from a ``backbone`` config.
 
     The returned module carries ``weights_origin`` (``"random"``, the named source, the weights
-    file, or ``"random (fallback: ...)"``) so that runs can record what they started from.
-    With ``if_unavailable=random`` a named offline source whose package is not installed is
-    replaced by random initialisation, with a warning that says what to install.
+    file, ``"timm:<model>.<tag>"`` for timm's weights, or ``"random (fallback: ...)"``) so that
+    runs can record what they started from. With ``if_unavailable=random`` a named offline source
+    whose package is not installed, or timm weights that are neither in the hub cache nor
+    downloadable, are replaced by random initialisation, with a warning that says what to do.
+    ``pool`` and ``trainable_blocks`` are passed on (pooled feature of token models; partial
+    fine-tuning).
     """
     import logging
     import warnings
 
     from medmeta.backbones import create_backbone
+    from medmeta.backbones.pretrained import is_timm_pretrained, normalize_pretrained, timm_weights_name
 
     name = str(_get(backbone_cfg, "name"))
-    pretrained = _get(backbone_cfg, "pretrained")
+    pretrained = normalize_pretrained(_get(backbone_cfg, "pretrained"))
     policy = str(_get(backbone_cfg, "if_unavailable", "error") or "error")
     if policy not in ("error", "random"):
         raise ConfigError(f"backbone.if_unavailable: expected error or random, got {policy!r}")
     kwargs = dict(to_plain(_get(backbone_cfg, "timm_kwargs")) or {})
-    in_chans = int(_get(backbone_cfg, "in_chans", 3))
-    origin = str(pretrained) if pretrained else "random"
+    kwargs["in_chans"] = int(_get(backbone_cfg, "in_chans", 3))
+    pool = _get(backbone_cfg, "pool")
+    kwargs["pool"] = None if pool is None else str(pool)
+    blocks = _get(backbone_cfg, "trainable_blocks")
+    kwargs["trainable_blocks"] = None if blocks is None else int(blocks)
+    hub = is_timm_pretrained(pretrained)
+    origin = "random" if not pretrained else str(pretrained)
     try:
-        backbone = create_backbone(name, pretrained=pretrained, in_chans=in_chans, **kwargs)
-    except ModuleNotFoundError as err:  # a named source whose package is not installed
+        if hub:
+            origin = f"timm:{timm_weights_name(name, pretrained)}"
+        backbone = create_backbone(name, pretrained=pretrained, **kwargs)
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        # a named source whose package is not installed, or timm weights not in the hub cache
+        unavailable = isinstance(err, ModuleNotFoundError) or hub
+        if not unavailable:
+            raise ConfigError(f"backbone.pretrained={pretrained}: {err}") from err
         if policy != "random":
             raise ConfigError(
                 f"backbone.pretrained={pretrained}: {err}; or set backbone.if_unavailable=random to continue "
@@ -197,12 +240,10 @@ def build_backbone(backbone_cfg: Any) -> nn.Module:
         warnings.warn(message, stacklevel=2)
         logging.getLogger("medmeta.training").warning(message)
         try:
-            backbone = create_backbone(name, pretrained=None, in_chans=in_chans, **kwargs)
+            backbone = create_backbone(name, pretrained=None, **kwargs)
         except (ValueError, TypeError) as err2:
             raise ConfigError(f"backbone (name={name}): {err2}") from err2
-        origin = f"random (fallback: {pretrained} not installed)"
-    except FileNotFoundError as err:
-        raise ConfigError(f"backbone.pretrained={pretrained}: {err}") from err
+        origin = f"random (fallback: {pretrained} not {'in the hub cache' if hub else 'installed'})"
     except (ValueError, TypeError) as err:
         raise ConfigError(f"backbone (name={name}, pretrained={pretrained}): {err}") from err
     setattr(backbone, "weights_origin", origin)  # recorded by the runs (see docstring)

@@ -109,9 +109,11 @@ class _ReportingLogger(MetricLogger):
 @contextmanager
 def _run_folder(run_dir: "str | Path | None") -> Iterator[Path]:
     if run_dir is not None:
+        from medmeta.locks import hold
+
         path = Path(run_dir).expanduser()
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
+        with hold(path):  # a second trainer on this folder stops, naming this one
+            yield path
         return
     with tempfile.TemporaryDirectory(prefix="medmeta-fit-") as tmp:
         yield Path(tmp)

@@ -74,6 +74,17 @@ def _number(value: Any) -> Optional[float]:
         return None
 
 
+def _complete_row(row: list[str], width: int) -> bool:
+    """Whether a ``metrics.csv`` row is whole (a run killed mid-write may leave a partial last row)."""
+    if len(row) != width:
+        return False
+    try:
+        float(row[0]), float(row[2])
+    except ValueError:
+        return False
+    return True
+
+
 class CSVBackend:
     """Append-only long-format CSV: ``step,name,value,time``."""
 
@@ -97,7 +108,8 @@ class CSVBackend:
         if not rows:
             return
         header, body = rows[0], rows[1:]
-        kept = [r for r in body if r and int(float(r[0])) <= step]
+        # rows up to the resume step; not the test rows of a run killed while testing (logged again)
+        kept = [r for r in body if _complete_row(r, len(header)) and int(float(r[0])) <= step and not r[1].startswith("test/")]
         buffer = io.StringIO(newline="")
         writer = csv.writer(buffer)
         writer.writerow(header)
@@ -106,8 +118,11 @@ class CSVBackend:
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         now = f"{time.time():.3f}"
+        buffer = io.StringIO(newline="")  # one write per call: a killed run leaves whole rows
+        writer = csv.writer(buffer)
         for name, value in metrics.items():
-            self._writer.writerow([int(step), name, repr(float(value)), now])
+            writer.writerow([int(step), name, repr(float(value)), now])
+        self._handle.write(buffer.getvalue())
         self._handle.flush()
 
     def log_config(self, config: Mapping[str, Any]) -> None:  # the run folder holds the config

@@ -29,6 +29,7 @@ import json
 import logging
 import random
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -41,6 +42,8 @@ import medmeta.config  # noqa: F401  (registers the structured configs, for comp
 from medmeta.data.meta_dataset import TaskPlan, plan_tasks
 from medmeta.errors import ConfigError
 from medmeta.evaluation.reports import protocol_summary, results_table
+from medmeta.locks import hold as hold_folder
+from medmeta.threads import apply_num_threads
 from medmeta.training.components import (
     build_backbone,
     build_learner,
@@ -164,7 +167,7 @@ def training_fingerprint(cfg: DictConfig, model: torch.nn.Module, plan: TaskPlan
         trainer["steps"] = int(t.steps)  # the schedule depends on the total
     backbone = {k: to_plain(cfg.backbone[k]) for k in ("name", "in_chans", "timm_kwargs")}
     if data is None:
-        data = resolve_data_config(cfg.data, cfg.backbone.get("pretrained"))
+        data = resolve_data_config(cfg.data, cfg.backbone)
     return {
         "learner": to_plain(cfg.learner),
         "data": {k: to_plain(data.get(k)) for k in ("name", "channels", "normalize", "image_size")},
@@ -249,11 +252,13 @@ def run_training(cfg: Any) -> dict[str, Any]:
     cfg = _as_config(cfg)
     _check_common(cfg)
     _check_trainer(cfg)
+    apply_num_threads(cfg.trainer.get("num_threads"), workers=int(cfg.trainer.num_workers), name="trainer.num_threads")
     kind = _training_kind(cfg)  # refuses a learner it cannot train before any work
-    data = resolve_data_config(cfg.data, cfg.backbone.pretrained)
+    data = resolve_data_config(cfg.data, cfg.backbone)
     protocol = build_protocol(cfg.protocol) if cfg.trainer.test else None
     ctx = init_distributed(str(cfg.trainer.device), str(cfg.trainer.dist_backend))
     logger = None
+    folder_lock = ExitStack()
     try:
         run_dir = resolve_run_dir(cfg)
         main_dir = broadcast_object(str(run_dir), ctx)
@@ -262,6 +267,8 @@ def run_training(cfg: Any) -> dict[str, Any]:
                 f"rank {ctx.rank} writes to {run_dir} but rank 0 to {main_dir}: give every rank the same run "
                 f"folder (hydra.run.dir=... or run_dir=...), see docs/distributed.md"
             )
+        if ctx.is_main:  # a second run on this folder stops here, naming this one
+            folder_lock.enter_context(hold_folder(run_dir))
         seed = int(cfg.trainer.seed)
         seed_everything(seed)
         meta_dataset = open_meta_dataset(data)
@@ -378,6 +385,7 @@ def run_training(cfg: Any) -> dict[str, Any]:
         if logger is not None:
             logger.close()
         ctx.shutdown()
+        folder_lock.close()
 
 
 def _test_best(cfg: DictConfig, loop: Any, learner: Any, backbone: torch.nn.Module, meta_dataset: Any, plan: TaskPlan,
@@ -425,18 +433,25 @@ def run_evaluation(cfg: Any) -> pd.DataFrame:
     others its backbone (``checkpoint_load``); the backbone architecture then comes from the
     checkpoint (its run's config, or the architecture record of a ``save_learner`` file). Returns the tidy results (also ``results.csv`` in the run folder).
     """
-    from medmeta.evaluation.protocols import run_protocol
-    from medmeta.training.checkpoint import checkpoint_backbone, load_checkpoint, restore_learner
     from medmeta.training.distributed import resolve_device
 
     cfg = _as_config(cfg)
     _check_common(cfg)
+    apply_num_threads(cfg.get("num_threads"), name="num_threads")
     if not cfg.learners:
         raise ConfigError("learners: no learner to evaluate; add one with +learner@learners.<name>=<option>")
     if cfg.checkpoint_load not in ("auto", "backbone", "learner"):
         raise ConfigError(f"checkpoint_load: expected auto, backbone or learner, got {cfg.checkpoint_load!r}")
     device = resolve_device(str(cfg.device))
     run_dir = resolve_run_dir(cfg)
+    with hold_folder(run_dir):  # a second run on this folder stops here, naming this one
+        return _run_evaluation(cfg, run_dir, device)
+
+
+def _run_evaluation(cfg: DictConfig, run_dir: Path, device: Any) -> pd.DataFrame:
+    from medmeta.evaluation.protocols import run_protocol
+    from medmeta.training.checkpoint import checkpoint_backbone, load_checkpoint, restore_learner
+
     seed_everything(int(cfg.seed))
 
     ckpt = None
@@ -455,9 +470,9 @@ def run_evaluation(cfg: Any) -> pd.DataFrame:
             from medmeta.training.components import resolve_normalize
 
             saved_data = saved.get("data") or {}
-            normalize = resolve_normalize(saved_data.get("normalize", "auto"), saved_backbone.get("pretrained"))
+            normalize = resolve_normalize(saved_data.get("normalize", "auto"), saved_backbone)
             data_cfg = OmegaConf.merge(cfg.data, {"normalize": normalize})
-    data = resolve_data_config(data_cfg, backbone_cfg.pretrained)
+    data = resolve_data_config(data_cfg, backbone_cfg)
     meta_dataset = open_meta_dataset(data)
     plan = plan_tasks(meta_dataset, data.train, data.val, data.test, target=data.target, need=("test",))
     protocol = build_protocol(cfg.protocol)

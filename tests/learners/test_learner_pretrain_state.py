@@ -104,7 +104,7 @@ def test_registry_knows_every_learner_and_explains_unknown_names() -> None:
     assert create_learner("anil", backbone).head_only and create_learner("protomaml", backbone).head_init == "proto"
     assert create_learner("metasgd", backbone).learn_inner_lr and isinstance(create_learner("protonet", backbone), ProtoNet)
     with pytest.raises(ValueError, match="known learners"):
-        create_learner("reptile", backbone)
+        create_learner("no_such_learner", backbone)
     with pytest.raises(TypeError, match="maml"):
         create_learner("maml", backbone, inner_stpes=3)
 

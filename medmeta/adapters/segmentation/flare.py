@@ -40,6 +40,7 @@ from medmeta.adapters.segmentation.volumes import (
     write_volume,
 )
 from medmeta.errors import DataFormatError, InsufficientDataError, MissingDataError, exit_on_user_error
+from medmeta.threads import apply_num_threads
 
 __all__ = ["list_cases", "pair_cases", "adapt_on_volumes", "run_flare", "build_parser", "main"]
 
@@ -259,6 +260,7 @@ def main(argv: Optional[Sequence[str]] = None, learner: Any = None) -> int:
     method = args.method if learner is None else type(learner).__name__
 
     def command(learner: Any) -> Any:
+        apply_num_threads()  # torch's CPU threads: $MEDMETA_NUM_THREADS or this process's share
         pairs = pair_cases(args.support_images, args.support_labels)
         if args.support_cases is not None:
             pairs = pairs[: args.support_cases]

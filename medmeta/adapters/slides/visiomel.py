@@ -40,6 +40,7 @@ from medmeta.adapters.slides.mil import Bags, create_mil_head, predict_mil, trai
 from medmeta.adapters.slides.tiling import TileTransform, tile_slide
 from medmeta.errors import DataFormatError, MissingDataError, exit_on_user_error
 from medmeta.io import load_torch_file, write_text_atomic
+from medmeta.threads import apply_num_threads
 from medmeta.training.checkpoint import atomic_torch_save
 
 __all__ = [
@@ -562,7 +563,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Library loggers may mention slide properties (data values): keep them quiet here.
     logging.getLogger("medmeta").setLevel(logging.WARNING)
     log.setLevel(args.log_level.upper())
-    # a missing/invalid data folder or model: one clear line, exit status 2
+    # torch's CPU threads ($MEDMETA_NUM_THREADS or this process's share), then the run; a missing or
+    # invalid data folder or model: one clear line, exit status 2
+    exit_on_user_error("medmeta-visiomel", apply_num_threads, workers=args.num_workers)
     exit_on_user_error(
         "medmeta-visiomel", run,
         args.data_dir, args.assets, args.output, report=args.report, time_budget=args.time_budget,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from medmeta.errors import InsufficientDataError, MissingDataError, exit_on_user_error
+from medmeta.threads import apply_num_threads
 
 __all__ = ["main", "find_slides"]
 
@@ -201,6 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # bad input (a UserError: SlideError, AnnotationError, ...): one clear line naming the file
     # and entry, exit status 2, not a traceback
+    exit_on_user_error("medmeta-detect", apply_num_threads, workers=int(getattr(args, "workers", 0) or 0))
     return int(exit_on_user_error(f"medmeta-detect {args.command}", args.func, args))
 
 

@@ -214,7 +214,7 @@ def constructor_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Par
 
     Parameters the app supplies (:data:`APP_SUPPLIED`) are left out. A class whose
     ``__init__`` forwards ``**kwargs`` (the MAML variants) takes its parent's parameters, less
-    the ones it fixes (``_fixed``).
+    the ones it fixes (``fixed_options``).
     """
     if not isinstance(factory, type):
         found = inspect.signature(factory).parameters
@@ -230,7 +230,7 @@ def constructor_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Par
                 params.setdefault(name, p.replace(annotation=_annotation(init, name)))
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in found.values()):
             break
-    fixed = dict(getattr(factory, "_fixed", {}) or {})
+    fixed = dict(getattr(factory, "fixed_options", {}) or {})
     return {n: p for n, p in params.items() if n not in fixed}
 
 

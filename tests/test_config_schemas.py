@@ -39,7 +39,7 @@ def _signature_defaults(cls: Any) -> dict[str, Any]:
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         parent = _signature_defaults(cls.__mro__[1])
         out = {**parent, **out}
-        for fixed in getattr(cls, "_fixed", {}):
+        for fixed in getattr(cls, "fixed_options", {}):
             out.pop(fixed)
     return out
 

@@ -61,6 +61,7 @@ from medmeta.errors import (
 from medmeta.io import load_torch_file
 from medmeta.learners.base import Learner
 from medmeta.learners.heads import task_probabilities
+from medmeta.modes import module_mode
 from medmeta.tasks import TaskDescription, TaskTarget
 from medmeta.threads import apply_num_threads
 
@@ -318,17 +319,13 @@ def predict_query(
     if device is None:
         device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     learner.to(device)
-    was_training = learner.training
-    learner.eval()
-    try:
+    with module_mode(learner, False):
         predictor = learner.adapt(support_images.to(device), support_labels.to(device), description)
         chunks = []
         step = len(query_images) if getattr(learner, "transductive", False) else batch_size or len(query_images)
         for i in range(0, len(query_images), step):
             with torch.no_grad():
                 chunks.append(predictor(query_images[i : i + step].to(device)).detach().float().cpu())
-    finally:
-        learner.train(was_training)
     logits = torch.cat(chunks)
     if logits.shape != (len(query_images), description.num_outputs):
         raise ValueError(

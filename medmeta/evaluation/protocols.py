@@ -38,6 +38,7 @@ from medmeta.episodes.spec import EpisodeSpec
 from medmeta.evaluation.feature_cache import FeatureCache, supports_feature_cache
 from medmeta.evaluation.metrics import METRICS, episode_metrics, metrics_for
 from medmeta.learners.base import Learner
+from medmeta.modes import module_mode
 from medmeta.tasks import TaskTarget
 
 __all__ = [
@@ -335,56 +336,51 @@ def evaluate_episodes(
     cache_ok = supports_feature_cache(learner)
     use_cache = config.feature_cache if use_feature_cache is None else use_feature_cache
     use_cache = bool(use_cache and cache_ok)
-    was_training = learner.training
-    learner.eval()
     rows: list[dict[str, Any]] = []
     fork_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices):
-            cache = (
-                FeatureCache.for_specs(learner, source, specs, batch_size=config.embed_batch_size, device=device,
-                                       cache_dir=config.feature_cache_dir)
-                if use_cache and specs
-                else None
-            )
-            for spec in specs:
-                t0 = time.perf_counter()
-                torch.manual_seed(derive_seed(spec.seed, spec.instance, "torch"))
-                if cache is not None:
-                    logits = cache.solve(spec)
-                else:
-                    logits = learner.predict(spec.materialize(source).to(device))
-                seconds = time.perf_counter() - t0
-                if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape != (
-                    len(spec.query_positions),
-                    spec.description.num_outputs,
-                ):
-                    raise ValueError(
-                        f"{type(learner).__name__} returned logits of shape "
-                        f"{tuple(getattr(logits, 'shape', ()))} for episode {spec.key}; expected "
-                        f"({len(spec.query_positions)}, {spec.description.num_outputs})"
-                    )
-                values = episode_metrics(logits.detach().float().cpu(), spec.query_labels, spec.target, _metric_names(spec, config))
-                rows.append(
-                    {
-                        "dataset": spec.dataset_id,
-                        "task": spec.task_name,
-                        "domain": spec.description.domain_identifier,
-                        "target": spec.target.value,
-                        "split": spec.split,
-                        "shots": int(spec.shots),
-                        "instance": int(spec.instance),
-                        "n_way": int(spec.n_way),
-                        "n_support": int(len(spec.support_positions)),
-                        "n_query": int(len(spec.query_positions)),
-                        "seconds": seconds,
-                        **values,
-                    }
+    with module_mode(learner, False), torch.random.fork_rng(devices=fork_devices):
+        cache = (
+            FeatureCache.for_specs(learner, source, specs, batch_size=config.embed_batch_size, device=device,
+                                   cache_dir=config.feature_cache_dir)
+            if use_cache and specs
+            else None
+        )
+        for spec in specs:
+            t0 = time.perf_counter()
+            torch.manual_seed(derive_seed(spec.seed, spec.instance, "torch"))
+            if cache is not None:
+                logits = cache.solve(spec)
+            else:
+                logits = learner.predict(spec.materialize(source).to(device))
+            seconds = time.perf_counter() - t0
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape != (
+                len(spec.query_positions),
+                spec.description.num_outputs,
+            ):
+                raise ValueError(
+                    f"{type(learner).__name__} returned logits of shape "
+                    f"{tuple(getattr(logits, 'shape', ()))} for episode {spec.key}; expected "
+                    f"({len(spec.query_positions)}, {spec.description.num_outputs})"
                 )
-                if progress_bar is not None:
-                    progress_bar.update(1)
-    finally:
-        learner.train(was_training)
+            values = episode_metrics(logits.detach().float().cpu(), spec.query_labels, spec.target, _metric_names(spec, config))
+            rows.append(
+                {
+                    "dataset": spec.dataset_id,
+                    "task": spec.task_name,
+                    "domain": spec.description.domain_identifier,
+                    "target": spec.target.value,
+                    "split": spec.split,
+                    "shots": int(spec.shots),
+                    "instance": int(spec.instance),
+                    "n_way": int(spec.n_way),
+                    "n_support": int(len(spec.support_positions)),
+                    "n_query": int(len(spec.query_positions)),
+                    "seconds": seconds,
+                    **values,
+                }
+            )
+            if progress_bar is not None:
+                progress_bar.update(1)
     return rows
 
 

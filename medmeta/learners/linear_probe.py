@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -342,10 +342,10 @@ class LinearProbeCV(LinearProbe):
     with a single example of some class.
     """
 
-    _fixed: dict[str, Any] = {"select_weight_decay": True}
+    fixed_options: ClassVar[dict[str, Any]] = {"select_weight_decay": True}
 
     def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
-        for key, value in self._fixed.items():
+        for key, value in self.fixed_options.items():
             if key in kwargs and kwargs[key] != value:
                 raise ConfigError(f"{type(self).__name__} fixes {key}={value!r}; got {key}={kwargs[key]!r} (use LinearProbe)")
             kwargs[key] = value

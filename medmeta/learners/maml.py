@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +62,10 @@ from medmeta.learners.base import EpisodeScope, Learner, Predictor
 from medmeta.learners.checks import check_episodes, check_query, check_support, feature_dim
 from medmeta.learners.heads import task_loss
 from medmeta.learners.protonet import class_prototypes, prototype_head
+from medmeta.modes import module_mode
 from medmeta.tasks import Episode, TaskDescription
 
-__all__ = ["MAML", "FOMAML", "ANIL", "MetaSGD", "ProtoMAML", "AdaptedTask", "BN_MODES", "HEAD_INITS", "inner_loop"]
+__all__ = ["MAML", "MAMLVariant", "FOMAML", "ANIL", "MetaSGD", "ProtoMAML", "AdaptedTask", "BN_MODES", "HEAD_INITS", "inner_loop"]
 
 BN_MODES = ("transductive", "running")
 HEAD_INITS = ("zero", "proto")
@@ -78,18 +79,6 @@ class AdaptedTask:
 
     params: Params
     head: Params
-
-
-@contextmanager
-def _modes(module: nn.Module, train: bool) -> Iterator[None]:
-    """Set ``module`` to train/eval mode and restore every submodule's own flag afterwards."""
-    saved = [(m, m.training) for m in module.modules()]
-    module.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def _batch_norm_decomposed(
@@ -518,7 +507,7 @@ class MAML(Learner):
         with self._backbone_state():
             if not self._has_bn:
                 return
-            with _modes(self.backbone, True), self._tracking_on():
+            with module_mode(self.backbone, True), self._tracking_on():
                 for x in images:
                     self.backbone(x)
 
@@ -648,52 +637,53 @@ class MAML(Learner):
         )
 
 
-class _Variant(MAML):
-    """A MAML variant: fixed settings on top of MAML's arguments."""
+class MAMLVariant(MAML):
+    """A MAML variant: MAML's arguments with some settings fixed (``fixed_options``; the config
+    schema leaves those out, and passing a different value is an error)."""
 
-    _fixed: dict[str, Any] = {}
+    fixed_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
-        for key, value in self._fixed.items():
+        for key, value in self.fixed_options.items():
             if key in kwargs and kwargs[key] != value:
                 raise ValueError(f"{type(self).__name__} fixes {key}={value!r}; got {key}={kwargs[key]!r} (use MAML)")
             kwargs[key] = value
         super().__init__(backbone, **kwargs)
 
 
-class FOMAML(_Variant):
+class FOMAML(MAMLVariant):
     """First-order MAML (Finn et al. 2017): no second derivatives in the meta-gradient.
 
     Takes MAML's arguments; ``first_order`` is fixed to True.
     """
 
-    _fixed = {"first_order": True}
+    fixed_options = {"first_order": True}
 
 
-class ANIL(_Variant):
+class ANIL(MAMLVariant):
     """ANIL (Raghu et al., ICLR 2020, "Rapid Learning or Feature Reuse?"): only the head adapts.
 
     Takes MAML's arguments; ``head_only`` is fixed to True. The backbone is meta-learned
     through the outer loop only, and support features are computed once per task.
     """
 
-    _fixed = {"head_only": True}
+    fixed_options = {"head_only": True}
 
 
-class MetaSGD(_Variant):
+class MetaSGD(MAMLVariant):
     """Meta-SGD (Li et al. 2017): learned per-parameter inner learning rates.
 
     Takes MAML's arguments; ``learn_inner_lr`` is fixed to True (rates start at ``inner_lr``).
     """
 
-    _fixed = {"learn_inner_lr": True}
+    fixed_options = {"learn_inner_lr": True}
 
 
-class ProtoMAML(_Variant):
+class ProtoMAML(MAMLVariant):
     """Proto-MAML (Triantafillou et al., ICLR 2020, Meta-Dataset): prototype head initialisation.
 
     Takes MAML's arguments; ``head_init`` is fixed to ``"proto"``. For binary and multi-label
     tasks the head starts from positive and negative prototypes per label.
     """
 
-    _fixed = {"head_init": "proto"}
+    fixed_options = {"head_init": "proto"}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmeta.learners.metric import EpisodeHead, MetricLearner
-from medmeta.learners.protonet import _membership
+from medmeta.learners.protonet import prototype_membership
 from medmeta.tasks import TaskDescription
 
 __all__ = ["MatchingNet", "matching_logits"]
@@ -107,7 +107,7 @@ class MatchingNet(MetricLearner):
     def episode_head(self, support_features: Tensor, support_labels: Tensor, description: TaskDescription) -> EpisodeHead:
         support = self.encode_support(support_features)
         keys = F.normalize(support, dim=1)
-        positive, negative = _membership(support_labels, description, support_features.dtype)
+        positive, negative = prototype_membership(support_labels, description, support_features.dtype)
 
         def head(query_features: Tensor) -> Tensor:
             query = self.encode_query(query_features, support)

@@ -29,7 +29,7 @@ from medmeta.learners.base import EpisodeScope, Predictor
 from medmeta.learners.checks import check_episodes, check_query_features, check_support_features, feature_dim
 from medmeta.learners.frozen import FrozenFeatureLearner
 from medmeta.learners.heads import task_loss
-from medmeta.learners.maml import _modes
+from medmeta.modes import module_mode
 from medmeta.tasks import Episode, TaskDescription
 
 __all__ = ["MetricLearner", "EpisodeHead", "ORDINAL_LOSSES"]
@@ -75,12 +75,12 @@ class MetricLearner(FrozenFeatureLearner):
     def adapt_features(self, support_features: Tensor, support_labels: Tensor, description: TaskDescription) -> Predictor:
         check_support_features(support_features, support_labels, description, self.num_features)
         support_features = support_features.detach()
-        with torch.no_grad(), _modes(self, False):
+        with torch.no_grad(), module_mode(self, False):
             head = self.episode_head(support_features, support_labels, description)
 
         def predict(query_features: Tensor) -> Tensor:
             check_query_features(query_features, self.num_features, description)
-            with torch.no_grad(), _modes(self, False):
+            with torch.no_grad(), module_mode(self, False):
                 return head(query_features)
 
         return predict

@@ -45,6 +45,7 @@ from medmeta.learners.finetune import MedIMetaAugment
 from medmeta.learners.heads import task_loss, task_predictions
 from medmeta.learners.linear_probe import canonical_order
 from medmeta.learners.protonet import ProtoNet, class_prototypes, prototype_logits
+from medmeta.modes import module_mode
 from medmeta.tasks import TaskDescription
 
 __all__ = ["PMF", "PMFAugment", "LearningRateSelection", "pseudo_episode_split", "DEFAULT_LRS"]
@@ -253,13 +254,8 @@ class PMF(ProtoNet):
 
     def _logits(self, model: nn.Module, support: Tensor, labels: Tensor, query: Tensor, description: TaskDescription) -> Tensor:
         """Prototype logits of ``query`` from ``model`` (in eval mode, no gradients)."""
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return self._episode_logits(model(support), labels, model(query), description)
-        finally:
-            model.train(was)
+        with module_mode(model, False), torch.no_grad():
+            return self._episode_logits(model(support), labels, model(query), description)
 
     def choose_lr(self, support_images: Tensor, support_labels: Tensor, description: TaskDescription) -> LearningRateSelection:
         """Choose the fine-tuning learning rate on pseudo-episodes of the support set (see module doc)."""
@@ -288,16 +284,12 @@ class PMF(ProtoNet):
         check_support(support_images, support_labels, description)
         order = canonical_order(support_images, support_labels).to(support_images.device)
         support_images, support_labels = support_images[order], support_labels[order]
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
+        with module_mode(self.backbone, False):
             selection = self.choose_lr(support_images, support_labels, description)
             self.last_selection = selection
             model = self.fine_tune(support_images, support_labels, description, selection.lr, self.steps)
             with torch.no_grad():
                 support_f = model(support_images)
-        finally:
-            self.backbone.train(was_training)
         norm = self._normalizer(support_f)
         protos = class_prototypes(norm(support_f), support_labels, description)
         temperature = self.temperature.detach().to(support_f.dtype)

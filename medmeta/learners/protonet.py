@@ -57,7 +57,7 @@ class Prototypes:
     negative: Optional[Tensor] = None
 
 
-def _membership(labels: Tensor, description: TaskDescription, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
+def prototype_membership(labels: Tensor, description: TaskDescription, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
     """0/1 membership matrices ``(N, C)`` of the positive (and negative) prototypes."""
     target = description.task_target
     if target.uses_sigmoid:
@@ -78,7 +78,7 @@ def class_prototypes(features: Tensor, labels: Tensor, description: TaskDescript
     Labels follow the episode encoding (:mod:`medmeta.tasks`); a class without examples gets a
     zero prototype, so check the support set first (:func:`medmeta.learners.checks.check_support`).
     """
-    pos, neg = _membership(labels, description, features.dtype)
+    pos, neg = prototype_membership(labels, description, features.dtype)
     return Prototypes(_mean_by(pos, features), None if neg is None else _mean_by(neg, features))
 
 

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from medmeta.learners.base import EpisodeScope
 from medmeta.learners.checks import check_episodes
 from medmeta.learners.heads import task_loss
-from medmeta.learners.maml import AdaptedTask, _modes, _Variant, inner_loop
+from medmeta.learners.maml import AdaptedTask, MAMLVariant, inner_loop
 from medmeta.learners.protonet import class_prototypes, prototype_head
+from medmeta.modes import module_mode
 from medmeta.tasks import Episode
 
 __all__ = ["Reptile"]
@@ -52,7 +53,7 @@ def _task_data(episode: Episode) -> tuple[Tensor, Tensor]:
     )
 
 
-class Reptile(_Variant):
+class Reptile(MAMLVariant):
     """Reptile: first-order meta-learning by moving towards each task's adapted parameters.
 
     Takes MAML's arguments (``inner_steps``, ``inner_lr``, ``eval_inner_steps``, ``eval_inner_lr``,
@@ -60,7 +61,7 @@ class Reptile(_Variant):
     fixed to True and ``head_only``, ``learn_inner_lr`` and ``vmap`` to False.
     """
 
-    _fixed = {"first_order": True, "head_only": False, "learn_inner_lr": False, "vmap": False}
+    fixed_options = {"first_order": True, "head_only": False, "learn_inner_lr": False, "vmap": False}
 
     def _meta_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The backbone parameters Reptile moves (those that require gradients)."""
@@ -70,7 +71,7 @@ class Reptile(_Variant):
     def _refresh_stats(self, images: Tensor) -> None:
         """One train-mode forward pass, updating BatchNorm running statistics (``update_running_stats``)."""
         if self.update_running_stats and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.backbone.modules()):
-            with _modes(self.backbone, True):
+            with module_mode(self.backbone, True):
                 self.backbone(images)
 
     def adapted_task(self, episode: Episode) -> AdaptedTask:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from medmeta.errors import ConfigError
+from medmeta.modes import module_mode
 from medmeta.training.checkpoint import model_fingerprint
 from medmeta.training.distributed import DistributedContext
 from medmeta.training.loggers import MetricLogger
@@ -155,8 +156,7 @@ def fit(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ctx = DistributedContext(device=torch.device(device))
-    modes = [(m, m.training) for m in model.modules()]
-    with _run_folder(run_dir) as folder:
+    with module_mode(model), _run_folder(run_dir) as folder:
         loop = TrainingLoop(
             model, objective, optimizer, scheduler, settings, ctx, folder,
             fingerprint={**fingerprint, "model_shapes": model_fingerprint(model)},
@@ -172,5 +172,3 @@ def fit(
             return loop.fit()
         finally:
             logger.close()
-            for module, training in modes:
-                module.training = training

@@ -40,6 +40,7 @@ from torch import nn
 from medmeta.errors import CheckpointError, ConfigError
 from medmeta.learners.base import Learner
 from medmeta.learners.state import learner_checkpoint
+from medmeta.modes import module_mode
 from medmeta.tasks import Episode
 from medmeta.training.checkpoint import (
     atomic_torch_save,
@@ -361,10 +362,8 @@ class PretrainObjective:
 
         if not self.val_heads:
             return {}
-        was_training = self.model.training
-        self.model.eval()
         total, count = 0.0, 0.0
-        try:
+        with module_mode(self.model, False):
             for j, ((head, source), positions) in enumerate(zip(self.val_heads, self._val_positions)):
                 if j % self.ctx.world_size != self.ctx.rank or len(positions) == 0:
                     continue
@@ -379,8 +378,6 @@ class PretrainObjective:
                 value = auroc(torch.cat(logits), labels, d.task_target)
                 if not math.isnan(value):
                     total, count = total + value, count + 1
-        finally:
-            self.model.train(was_training)
         total, count = all_reduce_sum([total, count], self.ctx)
         return {"val/auroc": total / count if count else float("nan"), "val/tasks": count}
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from medmeta.adapters.slides.backends.base import DEFAULT_CACHE_BYTES, SlideReader, composite_rgba_on_white
-from medmeta.adapters.slides.backends.openslide_reader import _level0
+from medmeta.adapters.slides.backends.openslide_reader import level0_coordinate
 from medmeta.adapters.slides.errors import BackendUnavailableError, SlideOpenError, SlideReadError
 
 __all__ = ["CucimReader"]
@@ -68,7 +68,7 @@ class CucimReader(SlideReader):
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self._level_downsamples[level]
         try:
-            arr = np.asarray(self._image.read_region((_level0(x, ds), _level0(y, ds)), (w, h), level))
+            arr = np.asarray(self._image.read_region((level0_coordinate(x, ds), level0_coordinate(y, ds)), (w, h), level))
         except Exception as err:
             raise SlideReadError(f"slide {self.path}: cuCIM could not read level {level} at ({x}, {y}): {err}") from err
         if arr.shape[-1] == 4:

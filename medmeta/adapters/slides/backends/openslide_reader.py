@@ -71,7 +71,7 @@ class OpenSlideAPIReader(SlideReader):
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self._level_downsamples[level]
         # Level-0 location whose floor(x0 / ds) is exactly x (OpenSlide divides the same way).
-        x0, y0 = _level0(x, ds), _level0(y, ds)
+        x0, y0 = level0_coordinate(x, ds), level0_coordinate(y, ds)
         try:
             rgba = np.asarray(self._slide.read_region((x0, y0), level, (w, h)))
         except Exception as err:
@@ -92,7 +92,8 @@ class OpenSlideAPIReader(SlideReader):
         super().close()
 
 
-def _level0(v: int, ds: float) -> int:
+def level0_coordinate(v: int, ds: float) -> int:
+    """The level-0 coordinate whose ``floor(x0 / ds)`` is exactly ``v`` at a level of downsample ``ds``."""
     x0 = int(round(v * ds))
     while x0 / ds + 1e-6 < v:  # guard against float round-down
         x0 += 1

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from medmeta.data.transforms import NORMALIZATIONS
 from medmeta.errors import CheckpointError, ConfigError, MissingDataError, MissingDependencyError, UnknownNameError
 from medmeta.registry import Registry
 
@@ -68,8 +69,8 @@ PretrainedArg = Union[None, bool, str, Path]
 """What ``pretrained`` takes: ``None``/``False`` (random), ``True``/``"timm"``/``"timm:<tag>"``
 (timm's weights), a named offline source, or a local weights file."""
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = NORMALIZATIONS["imagenet"]
+"""ImageNet mean and std per channel (the one copy is :data:`medmeta.data.transforms.NORMALIZATIONS`)."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ from medmeta.data.layout import (
     image_relpath,
     split_dir_name,
 )
+from medmeta.data.transforms import ImageTransform, gray_to_rgb, read_image_file
 from medmeta.errors import DataFormatError, MissingDataError
 from medmeta.tasks import TaskTarget
 
@@ -502,21 +503,6 @@ def _parse_labels(task: TaskInfo, values: Any, csv_path: Path, columns: Any) -> 
     return np.asarray([key_of(cell, row) for row, cell in enumerate(values)], dtype=np.int64)
 
 
-def _load_image(path: Path, mode: str, size: Optional[tuple[int, int]], where: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert(mode)
-            if size is not None and image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
-    except FileNotFoundError:
-        raise MissingDataError(f"{where}: image file {path} not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataFormatError(f"{where}: {path} cannot be read as an image ({err})") from None
-
-
 def write_dataset_from_folder(
     root: "str | Path",
     info: "Mapping[str, Any] | DatasetInfo",
@@ -628,10 +614,12 @@ def write_dataset_from_folder(
             raise MissingDataError(f"{csv_path}: row 2, column {image_column!r}: image file {paths[0]} not found") from None
     if channels not in (1, 3):
         raise DataFormatError(f"channels: expected 1 or 3, got {channels!r}")
-    mode = "L" if channels == 1 else "RGB"
+    stored = ImageTransform(channels, size, normalize=None)
     images: list[np.ndarray] = []
     for row, path in enumerate(paths):
-        img = _load_image(path, mode, size, f"{csv_path}: row {row + 2}, column {image_column!r}")
+        img = stored.image(read_image_file(path, channels, f"{csv_path}: row {row + 2}, column {image_column!r}"))
+        if channels == 3 and img.ndim == 2:
+            img = gray_to_rgb(img)
         if images and img.shape != images[0].shape:
             raise DataFormatError(
                 f"{csv_path}: row {row + 2}: image {path} has size {img.shape[:2]}, the first image {images[0].shape[:2]}; "

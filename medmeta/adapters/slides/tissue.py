@@ -21,6 +21,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medmeta.adapters.slides.backends.base import SlideReader
+from medmeta.data.transforms import rgb_to_gray
 from medmeta.io import atomic_path
 
 __all__ = ["TissueMask", "detect_tissue", "otsu_threshold"]
@@ -219,14 +220,12 @@ def detect_tissue(
         rgb = slide.read_level(level)
     h, w = rgb.shape[:2]
     scale = (w0 / w, h0 / h)  # level-0 pixels per mask pixel, x and y
-    rgb_f = rgb.astype(np.float32)
     if method == "saturation":
+        rgb_f = rgb.astype(np.float32)
         mx, mn = rgb_f.max(axis=2), rgb_f.min(axis=2)
-        channel = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6) * 255.0, 0.0)
+        channel = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6) * 255.0, 0.0).astype(np.uint8)
     else:
-        grey = rgb_f @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        channel = 255.0 - grey
-    channel = channel.astype(np.uint8)
+        channel = 255 - rgb_to_gray(rgb)  # darkness, from the one RGB -> grey conversion
     if median_kernel > 1:
         channel = ndimage.median_filter(channel, size=median_kernel, mode="nearest")
     if threshold is None:

@@ -85,11 +85,13 @@ class DataConfig:
             target's tasks when a target is given).
         channels: ``null`` keeps each dataset's channels (grayscale images are repeated to 3 by
             the backbone), ``3`` converts everything to RGB as the MedIMeta paper does, ``1`` to gray.
-        normalize: ``auto`` (follow the backbone's pretrained weights: ImageNet statistics for
-            ImageNet weights, else the official loader's mean = std = 0.5), ``official``,
-            ``imagenet`` or ``null`` (values in [0, 1]).
+        normalize: ``auto`` (the mean/std of the backbone's weights: a named offline source's,
+            timm's ``pretrained_cfg`` for ``pretrained=timm`` / ``timm:<tag>``; the official
+            loader's mean = std = 0.5 for random initialisation), ``official``, ``imagenet``,
+            ``clip``, explicit ``"mean=R,G,B;std=R,G,B"``, or ``null`` (values in [0, 1]).
         image_size: ``null`` reads images at their stored size; an int resizes every image
-            (e.g. 64 for quick runs on MedIMeta's 224-pixel images).
+            (e.g. 64 for quick runs on MedIMeta's 224-pixel images); ``auto`` uses the input
+            size of the backbone's weights (stored size for random initialisation).
     """
 
     name: str = "synthetic"
@@ -97,7 +99,7 @@ class DataConfig:
     target: Optional[str] = None
     channels: Optional[int] = None
     normalize: Optional[str] = "auto"
-    image_size: Optional[int] = None
+    image_size: Any = None  # null | int | "auto"
     train: TaskSelection = field(default_factory=lambda: TaskSelection(split="train"))
     val: TaskSelection = field(default_factory=lambda: TaskSelection(split="val"))
     test: TaskSelection = field(default_factory=lambda: TaskSelection(split="test"))

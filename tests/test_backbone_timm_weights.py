@@ -96,6 +96,10 @@ def test_hub_weights_load_from_a_prefilled_cache_with_their_normalisation(offlin
     assert data.normalize == backbone.normalization
     # the user's choice wins over the weights' statistics
     assert resolve_data_config({"name": "synthetic", "normalize": "official"}, {"name": "test_vit", "pretrained": "timm"}).normalize == "official"
+    # image_size=auto reads at the weights' input size (160 here); null and ints are the user's
+    assert resolve_data_config({"name": "synthetic", "image_size": "auto"}, {"name": "test_vit", "pretrained": "timm"}).image_size == 160
+    assert resolve_data_config({"name": "synthetic", "image_size": 64}, {"name": "test_vit", "pretrained": "timm"}).image_size == 64
+    assert resolve_data_config({"name": "synthetic", "image_size": None}, {"name": "test_vit", "pretrained": "timm"}).image_size is None
 
 
 def test_missing_hub_weights_say_which_file_to_place_where(offline_hub: Path):
@@ -191,3 +195,13 @@ def test_false_spellings_mean_random_initialisation():
         for value in (None, False, "", "null", "false", "None"):
             backbone = create_backbone("medmeta_conv4_tiny", pretrained=value)
             assert backbone.normalization is None
+
+
+def test_image_size_auto_follows_named_sources_and_random_init_keeps_the_stored_size():
+    from medmeta.training.components import resolve_data_config, resolve_image_size
+
+    assert resolve_image_size("auto", {"name": "mobilenetv2_100", "pretrained": "imagenet-mobilenetv2"}) == 224
+    assert resolve_image_size("auto", {"name": "medmeta_conv4", "pretrained": None}) is None
+    for bad in ("large", 0, -3, "12px", 1.5):
+        with pytest.raises(ConfigError, match="data.image_size: expected null .*, auto .* or a positive size"):
+            resolve_data_config({"name": "synthetic", "image_size": bad}, {"name": "medmeta_conv4"})

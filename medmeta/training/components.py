@@ -22,7 +22,9 @@ from medmeta.errors import ConfigError
 
 __all__ = [
     "to_plain",
+    "weights_preprocessing",
     "resolve_normalize",
+    "resolve_image_size",
     "resolve_data_config",
     "open_meta_dataset",
     "build_backbone",
@@ -55,58 +57,94 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 # data ---------------------------------------------------------------------------------------
-def resolve_normalize(normalize: Optional[str], pretrained: Any, backbone: Optional[str] = None) -> Optional[str]:
-    """The image normalisation a run uses: ``auto`` follows the backbone's weights.
-
-    ``auto``: a named offline source's own statistics (``imagenet`` for ImageNet mean/std,
-    ``official`` for mean = std = 0.5); for timm's weights (``pretrained=timm``, ``timm:<tag>``)
-    the ``pretrained_cfg`` mean/std of the chosen weights (a :data:`~medmeta.data.transforms.NORMALIZATIONS`
-    name, or ``"mean=...;std=..."``); for a local weights file the statistics of the timm model's
-    default weights (``imagenet`` when timm has none or ``backbone`` is not given); and the
-    official MedIMeta loader's ``official`` (mean = std = 0.5) for random initialisation.
-    Anything else (a name, an explicit ``"mean=R,G,B;std=R,G,B"``, ``None``) is the user's override.
-
-    ``pretrained`` is ``backbone.pretrained``, or the whole ``backbone`` config (its ``name`` then
-    serves as ``backbone``): timm's weights need the model name to know their statistics.
-    """
+def _split_backbone(pretrained: Any, backbone: Optional[str]) -> tuple[Any, Optional[str]]:
+    """``(backbone.pretrained, backbone name)`` from the whole ``backbone`` config or just ``pretrained``."""
     if isinstance(pretrained, (Mapping, DictConfig)):
         backbone = backbone or (None if _get(pretrained, "name") is None else str(_get(pretrained, "name")))
         pretrained = _get(pretrained, "pretrained")
-    if normalize is None or str(normalize) != "auto":
-        return None if normalize is None else str(normalize)
+    return pretrained, backbone
+
+
+def weights_preprocessing(pretrained: Any, backbone: Optional[str] = None, option: str = "data.normalize") -> Optional[dict[str, Any]]:
+    """How the chosen weights want their images: ``{"mean", "std", "input_size"}`` (each possibly
+    absent), or ``None`` for random initialisation.
+
+    A named offline source gives its own statistics and input size; timm's weights
+    (``pretrained=timm``, ``timm:<tag>``) their ``pretrained_cfg``; a local weights file the
+    ``pretrained_cfg`` of the timm model's default weights (empty when timm has none or
+    ``backbone`` is not given). ``pretrained`` is ``backbone.pretrained`` or the whole ``backbone``
+    config (its ``name`` then serves as ``backbone``); ``option`` names the setting in errors.
+    """
     from medmeta.backbones.pretrained import (
+        get_pretrained_source,
         is_timm_pretrained,
         list_pretrained_sources,
         normalize_pretrained,
-        pretrained_normalization,
         timm_pretrained_cfg,
         timm_weights_name,
     )
-    from medmeta.data.transforms import normalization_spec
 
+    pretrained, backbone = _split_backbone(pretrained, backbone)
     pretrained = normalize_pretrained(pretrained)
     if not pretrained:
-        return "official"
+        return None
     if is_timm_pretrained(pretrained):
         text = str(pretrained)
         if backbone is None and not (text.startswith("timm:") and "." in text):
             raise ConfigError(
-                f"data.normalize=auto with backbone.pretrained={pretrained}: the backbone name is needed to read the "
-                f"weights' mean/std (pass the backbone config to resolve_data_config), or set data.normalize"
+                f"{option}=auto with backbone.pretrained={pretrained}: the backbone name is needed to read the "
+                f"weights' preprocessing (pass the backbone config to resolve_data_config), or set {option}"
             )
-        weights = timm_weights_name(backbone or text[len("timm:"):].partition(".")[0], pretrained)
-        cfg = timm_pretrained_cfg(weights) or {}
-        return normalization_spec(cfg["mean"], cfg["std"]) if cfg.get("mean") and cfg.get("std") else "imagenet"
+        return timm_pretrained_cfg(timm_weights_name(backbone or text[len("timm:"):].partition(".")[0], pretrained)) or {}
     if str(pretrained) in list_pretrained_sources():
-        mean, std = pretrained_normalization(str(pretrained))
-        return normalization_spec(mean, std)
-    cfg = (timm_pretrained_cfg(backbone) if backbone else None) or {}
+        spec = get_pretrained_source(str(pretrained))
+        return {"mean": tuple(spec.mean), "std": tuple(spec.std), "input_size": (3, spec.input_size, spec.input_size)}
+    return (timm_pretrained_cfg(backbone) if backbone else None) or {}
+
+
+def resolve_normalize(normalize: Optional[str], pretrained: Any, backbone: Optional[str] = None) -> Optional[str]:
+    """The image normalisation a run uses: ``auto`` follows the backbone's weights.
+
+    ``auto``: the mean/std of the chosen weights (:func:`weights_preprocessing`; a
+    :data:`~medmeta.data.transforms.NORMALIZATIONS` name or ``"mean=...;std=..."``), ``imagenet``
+    when they record none, and the official MedIMeta loader's ``official`` (mean = std = 0.5) for
+    random initialisation. Anything else (a name, an explicit ``"mean=R,G,B;std=R,G,B"``,
+    ``None``) is the user's override.
+    """
+    if normalize is None or str(normalize) != "auto":
+        return None if normalize is None else str(normalize)
+    from medmeta.data.transforms import normalization_spec
+
+    cfg = weights_preprocessing(pretrained, backbone)
+    if cfg is None:
+        return "official"
     return normalization_spec(cfg["mean"], cfg["std"]) if cfg.get("mean") and cfg.get("std") else "imagenet"
 
 
+def resolve_image_size(image_size: Any, pretrained: Any, backbone: Optional[str] = None) -> Optional[int]:
+    """The image size a run reads at: ``null`` the stored size, an int that size, and ``auto`` the
+    input size of the chosen weights (:func:`weights_preprocessing`; e.g. 224 for ImageNet
+    MobileNetV2, 518 for DINOv2 ViTs), or the stored size for random initialisation and weights
+    that record none."""
+    if image_size is None:
+        return None
+    if str(image_size) == "auto":
+        cfg = weights_preprocessing(pretrained, backbone, option="data.image_size") or {}
+        size = cfg.get("input_size")
+        return int(size[-1]) if size else None
+    try:
+        value = int(image_size)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1 or str(value) != str(image_size).strip():
+        raise ConfigError(f"data.image_size: expected null (as stored), auto (the weights' input size) or a positive "
+                          f"size, got {image_size!r}")
+    return value
+
+
 def resolve_data_config(data_cfg: Any, pretrained: Any = None) -> DictConfig:
-    """The ``data`` config with every image setting checked and ``normalize=auto`` resolved
-    against ``pretrained`` (the ``backbone`` config, or just ``backbone.pretrained``; see
+    """The ``data`` config with every image setting checked and ``normalize=auto`` and
+    ``image_size=auto`` resolved against ``pretrained`` (the ``backbone`` config, or just ``backbone.pretrained``; see
     :func:`resolve_normalize`): what the run reads its images with, computed once and used for the
     meta-dataset and the checkpoint fingerprint alike."""
     data = OmegaConf.create(to_plain(data_cfg) if OmegaConf.is_config(data_cfg) else dict(_plain_mapping(data_cfg)))
@@ -123,9 +161,7 @@ def resolve_data_config(data_cfg: Any, pretrained: Any = None) -> DictConfig:
             f"data.normalize: expected auto, null, one of {sorted(NORMALIZATIONS)} or 'mean=R,G,B;std=R,G,B', "
             f"got {normalize!r}"
         ) from None
-    image_size = data.get("image_size")
-    if image_size is not None and int(image_size) < 1:
-        raise ConfigError(f"data.image_size: expected null (as stored) or a positive size, got {image_size}")
+    data.image_size = resolve_image_size(data.get("image_size"), pretrained)
     data.normalize = normalize
     return data
 

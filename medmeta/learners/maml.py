@@ -21,7 +21,8 @@ fills ``.grad``, which a distributed loop can all-reduce). Inner gradients come 
 Speed (``benchmarks/bench_maml.py``): train/eval flags are set once per call, not per forward
 pass; with the zero head the first inner step adapts only the head (the backbone's gradient is
 exactly zero there), so it needs no backward pass through the backbone, and its forward pass
-doubles as the BatchNorm refresh. The meta-gradients are those of the plain algorithm
+doubles as the BatchNorm refresh; the backbone has not moved after that step, so the second step
+reuses the same forward pass (one support pass fewer). The meta-gradients are those of the plain algorithm
 (``tests/learners/test_learner_maml_fast_paths.py``). One visible difference: with Meta-SGD and
 one inner step the backbone's learned rates multiply only that zero gradient, so they get no
 ``.grad`` (``None`` instead of zeros).
@@ -412,7 +413,8 @@ class MAML(Learner):
         so that step leaves the backbone as it is and adapts only the head, on the support
         features at the starting parameters: no backward pass through the backbone. In
         transductive mode that forward pass is also the refresh pass (same parameters, same
-        images, train mode), so the running statistics need no pass of their own.
+        images, train mode), so the running statistics need no pass of their own. With two or
+        more steps the second step runs on that same forward pass (:meth:`_reused_step`).
         """
         first_order = self.first_order or not training
         adapt_names = [n for n, _ in self._adapted_items()]
@@ -426,12 +428,19 @@ class MAML(Learner):
         fold = refresh and support_first and self.bn_mode == "transductive" and self._is_own(params)
         if refresh and not fold:
             self._refresh_running_stats([support_images])
+        # zero head and a second step: that step's support forward pass is the first one (the backbone
+        # did not move), so keep its graph (to leaves standing for ``adapted`` where those are no
+        # graph inputs, e.g. at evaluation) and reuse it; not under torch.func transforms
+        reuse = zero_start and steps >= 2 and not _in_functorch_transform()
+        leaves: Params = {}
+        if reuse and not all(t.requires_grad for t in adapted.values()):
+            leaves = _as_inputs(adapted, True)
         support_features = None
         if support_first:
             # first order (and no prototype head): the head's inner loop treats the features as constants
-            keep_graph = not first_order or self.head_init == "proto"
-            with nullcontext() if keep_graph else torch.no_grad():
-                support_features = self._forward(params, support_images, update_stats=fold)
+            keep_graph = not first_order or self.head_init == "proto" or reuse
+            with torch.enable_grad() if reuse else nullcontext() if keep_graph else torch.no_grad():
+                support_features = self._forward({**params, **leaves}, support_images, update_stats=fold)
         head = self._head_init(support_features, support_labels, description, ref)
 
         def head_rate(group: int, name: str) -> Union[float, Tensor]:
@@ -448,6 +457,11 @@ class MAML(Learner):
             if self.head_only:
                 return AdaptedTask(params=params, head=head)
             steps -= 1
+            if reuse:
+                adapted, head = self._reused_step(
+                    support_features, adapted, leaves, head, support_labels, target, training, first_order
+                )
+                steps -= 1
 
         def support_loss(adapted_: Params, head_: Params) -> Tensor:
             logits = F.linear(self._forward({**fixed, **adapted_}, support_images), head_["weight"], head_["bias"])
@@ -458,6 +472,34 @@ class MAML(Learner):
 
         adapted, head = inner_loop(support_loss, (adapted, head), steps, rate, first_order)
         return AdaptedTask(params={**fixed, **adapted}, head=head)
+
+    def _reused_step(
+        self, features: Tensor, adapted: Params, leaves: Params, head: Params, labels: Tensor,
+        target: Any, training: bool, first_order: bool,
+    ) -> tuple[Params, Params]:
+        """The second inner step of a zero-head task on the first step's support ``features``.
+
+        The backbone has not moved since ``features`` were computed (the first step adapts only
+        the head), so this step's support loss is ``loss(features, head)``. Its partial
+        derivatives, as :func:`inner_loop` takes them (the head an independent variable although
+        it depends on ``features``), come in two stages: w.r.t. an alias of ``features`` and the
+        head, then from the features into the backbone (``leaves`` stand for ``adapted`` where
+        given). Same numbers as a new forward pass, one backbone forward pass less.
+        """
+        with torch.enable_grad():
+            alias = features.detach().requires_grad_() if first_order else features.view_as(features)
+            head_in = _as_inputs(head, first_order)
+            logits = F.linear(alias, head_in["weight"], head_in["bias"])
+            loss = task_loss(logits, labels, target, ordinal_loss=self.ordinal_loss)
+            g_feat, g_w, g_b = torch.autograd.grad(loss, [alias, head_in["weight"], head_in["bias"]], create_graph=not first_order)
+            names = list(adapted)
+            g_adapted = torch.autograd.grad(
+                features, [leaves.get(n, adapted[n]) for n in names], g_feat,
+                create_graph=not first_order, allow_unused=True, materialize_grads=True,
+            )
+        new_adapted = {n: _sgd_update(adapted[n], g, self._lr(n, training)) for n, g in zip(names, g_adapted)}
+        new_head = {n: _sgd_update(head[n], g, self._head_lr(n, training)) for n, g in (("weight", g_w), ("bias", g_b))}
+        return new_adapted, new_head
 
     def forward_adapted(self, adapted: AdaptedTask, images: Tensor) -> Tensor:
         """Logits of ``images`` under adapted parameters and head."""

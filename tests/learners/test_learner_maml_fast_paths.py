@@ -155,3 +155,41 @@ def test_inner_loop_takes_partial_derivatives_like_torch_func(first_order: bool)
         lambda v: inner_loop(lambda p, q: p["a"] * q["b"], ({"a": v}, {"b": 2 * v}), 1, lr, first_order)[0]["a"]
     )(torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(via_vmap, torch.full((2,), 1 - 2 * lr, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["MAML", "FOMAML", "Meta-SGD"])
+def test_zero_head_second_step_reuses_the_first_forward_pass(name: str) -> None:
+    """3 inner steps: the second step runs on the first step's support pass (the backbone has not moved)."""
+    calls = []
+    learner = CLASSES[name](_backbone(), inner_steps=3, inner_lr=LR)
+    learner.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    episodes = _episodes()
+    learner.meta_backward(episodes)
+    assert calls == [n for ep in episodes for n in (ep.n_support, ep.n_support, ep.n_query)]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_evaluation_inner_loop_equals_the_plain_loop(steps: int) -> None:
+    """Evaluation (no graph, detached parameters) takes the same fast paths and gives the plain loop's numbers."""
+    learner = MAML(_backbone(), inner_steps=1, eval_inner_steps=steps, inner_lr=LR)
+    ep = _episodes()[0]
+    got = learner.adapt_parameters(ep.support_images, ep.support_labels, ep.description)
+    assert all(not t.requires_grad for d in (got.params, got.head) for t in d.values())
+    backbone = learner.backbone
+    backbone.train()
+    buffers = {n: None for n, _ in backbone.named_buffers()}
+    params = {n: p.detach() for n, p in backbone.named_parameters()}
+    head = {"weight": torch.zeros(3, learner.num_features, dtype=torch.float64), "bias": torch.zeros(3, dtype=torch.float64)}
+
+    def loss(p: dict[str, Tensor], h: dict[str, Tensor]) -> Tensor:
+        f = functional_call(backbone, (p, buffers), (ep.support_images,))  # type: ignore[arg-type]
+        return task_loss(F.linear(f, h["weight"], h["bias"]), ep.support_labels, ep.description.task_target)
+
+    for _ in range(steps):
+        ga, gh = grad(loss, argnums=(0, 1))(params, head)
+        params = {n: params[n] - LR * ga[n] for n in params}
+        head = {n: head[n] - LR * gh[n] for n in head}
+    for n in params:
+        torch.testing.assert_close(got.params[n], params[n], rtol=1e-10, atol=1e-12)
+    for n in head:
+        torch.testing.assert_close(got.head[n], head[n], rtol=1e-10, atol=1e-12)

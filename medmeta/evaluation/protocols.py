@@ -276,7 +276,17 @@ def _sample_task(source: TaskSource, config: ProtocolConfig, skipped: list[dict[
         for w in caught:
             if not issubclass(w.category, UserWarning) or "skipping" not in str(w.message):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        specs.extend(sampler.specs(config.instances))
+        try:
+            drawn = sampler.specs(config.instances)
+        except InsufficientDataError as exc:
+            # a draw can fail where the class counts alone pass (multi-label: the query must come
+            # from the images the support left); "skip" leaves the whole (task, shots) out
+            if config.on_insufficient != "skip":
+                raise
+            skipped.append({"dataset": dataset_id, "task": task_name, "shots": shots, "class": None,
+                            "reason": f"an episode could not be drawn: {exc}"})
+            continue
+        specs.extend(drawn)
     return specs
 
 

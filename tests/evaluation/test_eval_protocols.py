@@ -133,6 +133,23 @@ def test_insufficient_images_error_or_counted_skip(tmp_path):
     assert "## Skipped (2)" in (tmp_path / "summary.md").read_text()
 
 
+def test_episode_draw_failure_is_skipped_with_its_shot_count():
+    # multi-label: the class counts pass, but after some support draw a label has too few
+    # positives left for the query; "skip" leaves that (task, shots) out instead of crashing
+    source = class_source(target="MULTILABEL_CLASSIFICATION", n_items=26, seed=3, dataset_id="ml", task_name="t")
+    sources = {("ml", "t"): source, ("a", "b"): class_source(counts=(12, 12), dataset_id="a", task_name="b")}
+    config = _config(shots=(3,), instances=20, n_query=5, seed=0)
+    with pytest.raises(InsufficientDataError, match="after drawing the support"):
+        run_protocol({"c": TinyCentroidLearner()}, sources, None, config, progress=False)
+    with pytest.warns(UserWarning, match="left out 1"):
+        df = run_protocol({"c": TinyCentroidLearner()}, sources, None,
+                          _config(shots=(3,), instances=20, n_query=5, seed=0, on_insufficient="skip"), progress=False)
+    skipped = df.attrs["skipped"]
+    assert [(s["dataset"], s["shots"], s["class"]) for s in skipped] == [("ml", 3, None)]
+    assert "could not be drawn" in skipped[0]["reason"]
+    assert sorted(df.groupby(["dataset", "shots"]).size().items()) == [(("a", 3), 20)]
+
+
 def test_markdown_summary_numbers_and_ranking():
     df = pd.DataFrame(
         {

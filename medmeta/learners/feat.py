@@ -12,9 +12,19 @@ Binary and multi-label tasks get a positive and a negative prototype per label (
 all ``2K`` of them form the set the transformer adapts, and the logit of label ``k`` is
 ``(-d(q, pos_k) + d(q, neg_k)) / temperature``. Ordinal tasks are treated as multi-class.
 
-Not implemented: FEAT's auxiliary contrastive regulariser (``balance`` / ``temperature2`` in the
-authors' code, which adapts each class's support-and-query set and classifies every instance
-against those centres); training here uses the query loss alone.
+Training adds FEAT's contrastive regulariser (Sec. 3.3 of the paper; ``balance`` and
+``temperature2`` in the authors' code): the support and query examples of each class form one
+set, the set-to-set transformer adapts it (attention within the class's set only), the mean of
+the adapted set is the class's centre, and every support and query example (its backbone
+feature, not adapted) is classified against those centres by the same distance with
+``temperature2``. The episode loss is ``query task loss + balance * regulariser task loss``
+(:meth:`FEAT.regularizer_loss`). Binary and multi-label tasks: each label's positives and its
+negatives are two sets, and an example's logit for the label is
+``(-d(x, centre+) + d(x, centre-)) / temperature2`` with the binary cross-entropy; ordinal tasks
+as multi-class (or ``ordinal_loss: soft``). Defaults ``balance=0.1``, ``temperature2=32`` are the
+authors' ResNet-12 scripts (with ``temperature=64``); ``balance=0`` gives the query loss alone.
+The regulariser needs labelled queries, so it only enters :meth:`episode_loss` (training);
+test-time adaptation and predictions do not depend on it.
 """
 from __future__ import annotations
 
@@ -23,8 +33,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from medmeta.learners.heads import task_loss
 from medmeta.learners.metric import EpisodeHead, MetricLearner
-from medmeta.learners.protonet import DISTANCES, Prototypes, class_prototypes, prototype_logits
+from medmeta.learners.protonet import DISTANCES, Prototypes, class_prototypes, prototype_logits, prototype_membership
 from medmeta.tasks import TaskDescription
 
 __all__ = ["FEAT", "SetAttention"]
@@ -79,6 +90,9 @@ class FEAT(MetricLearner):
         distance: ``"euclidean"`` (squared) or ``"cosine"`` (``1 - cos``).
         temperature: logits are ``-distance / temperature`` (FEAT's scripts: 64).
         ordinal_loss: ``"ce"`` or ``"soft"`` for ordinal tasks.
+        balance: weight of the contrastive regulariser in the training loss (module doc; the
+            authors' ResNet-12 scripts: 0.1; 0 switches it off). Not used at test time.
+        temperature2: temperature of the regulariser's logits (the authors' scripts: 32).
     """
 
     def __init__(
@@ -89,14 +103,22 @@ class FEAT(MetricLearner):
         distance: str = "euclidean",
         temperature: float = 64.0,
         ordinal_loss: str = "ce",
+        balance: float = 0.1,
+        temperature2: float = 32.0,
     ) -> None:
         super().__init__(backbone, ordinal_loss)
         if distance not in DISTANCES:
             raise ValueError(f"FEAT: distance must be one of {DISTANCES}, got {distance!r}")
         if not temperature > 0:
             raise ValueError(f"FEAT: temperature must be positive, got {temperature}")
+        if not (math.isfinite(balance) and balance >= 0):
+            raise ValueError(f"FEAT: balance must be a finite number >= 0, got {balance}")
+        if not temperature2 > 0:
+            raise ValueError(f"FEAT: temperature2 must be positive, got {temperature2}")
         self.distance = distance
         self.temperature = float(temperature)
+        self.balance = float(balance)
+        self.temperature2 = float(temperature2)
         self.attention = SetAttention(self.num_features, heads=heads, dropout=dropout)
         ref = next(iter(backbone.parameters()), None)
         if ref is not None:
@@ -119,5 +141,50 @@ class FEAT(MetricLearner):
 
         return head
 
+    def _set_centres(self, features: Tensor, membership: Tensor) -> Tensor:
+        """``(C, D)``: per column of the 0/1 ``membership`` ``(N, C)``, the mean of that set
+        adapted by the transformer (a set without members gets a zero centre, as in
+        :func:`~medmeta.learners.protonet.class_prototypes`)."""
+        centres = []
+        for c in range(membership.shape[1]):
+            members = features[membership[:, c] > 0]
+            if members.shape[0] == 0:
+                centres.append(features.new_zeros(features.shape[1]))
+            else:
+                centres.append(self.attention(members).mean(dim=0))
+        return torch.stack(centres)
+
+    def regularizer_logits(self, features: Tensor, labels: Tensor, description: TaskDescription) -> Tensor:
+        """The contrastive regulariser's logits ``(N, num_outputs)`` of labelled examples
+        (support and query together): each example against the centres of the adapted class sets."""
+        pos, neg = prototype_membership(labels, description, features.dtype)
+        centres = Prototypes(self._set_centres(features, pos), None if neg is None else self._set_centres(features, neg))
+        return prototype_logits(features, centres, self.distance, self.temperature2)
+
+    def regularizer_loss(
+        self, support_features: Tensor, support_labels: Tensor, query_features: Tensor, query_labels: Tensor,
+        description: TaskDescription,
+    ) -> Tensor:
+        """FEAT's contrastive regulariser (unweighted): the task loss of :meth:`regularizer_logits`
+        over the episode's support and query examples."""
+        features = torch.cat([support_features, query_features])
+        labels = torch.cat([support_labels, query_labels])
+        logits = self.regularizer_logits(features, labels, description)
+        return task_loss(logits, labels, description.task_target, ordinal_loss=self.ordinal_loss)
+
+    def episode_loss(
+        self, support_features: Tensor, support_labels: Tensor, query_features: Tensor, query_labels: Tensor,
+        description: TaskDescription,
+    ) -> Tensor:
+        """The query task loss plus ``balance`` times the contrastive regulariser."""
+        loss = super().episode_loss(support_features, support_labels, query_features, query_labels, description)
+        if self.balance == 0:
+            return loss
+        reg = self.regularizer_loss(support_features, support_labels, query_features, query_labels, description)
+        return loss + self.balance * reg
+
     def extra_repr(self) -> str:
-        return f"distance={self.distance!r}, temperature={self.temperature}"
+        return (
+            f"distance={self.distance!r}, temperature={self.temperature}, balance={self.balance}, "
+            f"temperature2={self.temperature2}"
+        )

@@ -224,6 +224,112 @@ def test_feat_adapts_prototypes_jointly_and_is_equivariant_to_class_order() -> N
     torch.testing.assert_close(got_perm[:, perm], got)
 
 
+
+# -- FEAT: the contrastive regulariser --------------------------------------------------------------
+def _attention_by_hand(att: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """FEAT's one-head set-to-set layer written out (eval mode): LayerNorm(x + fc(softmax(q k^T / sqrt d) v))."""
+    q, k, v = x @ att.w_qs.weight.T, x @ att.w_ks.weight.T, x @ att.w_vs.weight.T
+    a = torch.softmax(q @ k.T / math.sqrt(x.shape[1]), dim=1)
+    y = x + (a @ v) @ att.fc.weight.T + att.fc.bias
+    mu, var = y.mean(dim=1, keepdim=True), y.var(dim=1, unbiased=False, keepdim=True)
+    return (y - mu) / torch.sqrt(var + att.layer_norm.eps) * att.layer_norm.weight + att.layer_norm.bias
+
+
+def _feat_episode(target: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, object]:
+    g = torch.Generator().manual_seed(seed)
+    d = description(target, 3)
+    sy, qy = labels_for(target, d.num_classes, 2, g), labels_for(target, d.num_classes, 3, g)
+    sf = torch.randn(len(sy), D, generator=g, dtype=torch.float64)
+    qf = torch.randn(len(qy), D, generator=g, dtype=torch.float64)
+    return sf, sy, qf, qy, d
+
+
+def test_feat_regularizer_on_a_multiclass_episode_by_hand() -> None:
+    """Each class's support + query set is adapted on its own; its mean is the centre; every
+    example's own (unadapted) feature is classified against the centres: -|x - c|^2 / temperature2."""
+    torch.manual_seed(0)
+    learner = FEAT(_flat(), temperature=2.0, balance=0.5, temperature2=3.0).double().eval()
+    with torch.no_grad():
+        learner.attention.layer_norm.weight.uniform_(0.5, 1.5)
+        learner.attention.layer_norm.bias.uniform_(-0.2, 0.2)
+    sf, sy, qf, qy, d = _feat_episode("MULTICLASS_CLASSIFICATION")
+    x, y = torch.cat([sf, qf]), torch.cat([sy, qy])
+    with torch.no_grad():
+        centres = torch.stack([_attention_by_hand(learner.attention, x[y == c]).mean(dim=0) for c in range(3)])
+        logits = -((x[:, None, :] - centres[None]) ** 2).sum(dim=2) / 3.0
+        reg = -torch.log_softmax(logits, dim=1)[torch.arange(len(y)), y].mean()
+        protos = torch.stack([_attention_by_hand(learner.attention, torch.stack(
+            [sf[sy == c].mean(dim=0) for c in range(3)]))[c] for c in range(3)])
+        query_loss = F.cross_entropy(-torch.cdist(qf, protos) ** 2 / 2.0, qy)
+        torch.testing.assert_close(learner.regularizer_logits(x, y, d), logits)
+        torch.testing.assert_close(learner.regularizer_loss(sf, sy, qf, qy, d), reg)
+        torch.testing.assert_close(learner.episode_loss(sf, sy, qf, qy, d), query_loss + 0.5 * reg)
+
+
+@pytest.mark.parametrize("target", ["BINARY_CLASSIFICATION", "MULTILABEL_CLASSIFICATION"])
+def test_feat_regularizer_on_sigmoid_tasks_uses_a_positive_and_a_negative_set_per_label(target: str) -> None:
+    torch.manual_seed(1)
+    learner = FEAT(_flat(), distance="cosine", temperature2=0.5).double().eval()
+    sf, sy, qf, qy, d = _feat_episode(target, seed=2)
+    x, y = torch.cat([sf, qf]), torch.cat([sy, qy])
+
+    def centre(rows: torch.Tensor) -> torch.Tensor:
+        return _attention_by_hand(learner.attention, rows).mean(dim=0)
+
+    def cos_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 1.0 - F.cosine_similarity(a, b[None], dim=1)
+
+    with torch.no_grad():
+        columns = []
+        for k in range(y.shape[1]):
+            pos, neg = centre(x[y[:, k] == 1]), centre(x[y[:, k] == 0])
+            columns.append((-cos_dist(x, pos) + cos_dist(x, neg)) / 0.5)
+        logits = torch.stack(columns, dim=1)
+        torch.testing.assert_close(learner.regularizer_logits(x, y, d), logits)
+        torch.testing.assert_close(
+            learner.regularizer_loss(sf, sy, qf, qy, d), F.binary_cross_entropy_with_logits(logits, y.double())
+        )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_feat_balance_zero_is_the_query_loss_exactly_and_the_default_adds_the_regularizer(target: str) -> None:
+    torch.manual_seed(3)
+    off = FEAT(_flat(), balance=0.0).double().eval()
+    on = FEAT(_flat()).double().eval()
+    on.load_state_dict(off.state_dict())
+    assert (on.balance, on.temperature2) == (0.1, 32.0)
+    sf, sy, qf, qy, d = _feat_episode(target, seed=4)
+    with torch.no_grad():
+        query_loss = task_loss(off.episode_head(sf, sy, d)(qf), qy, d.task_target)
+        assert torch.equal(off.episode_loss(sf, sy, qf, qy, d), query_loss)
+        reg = on.regularizer_loss(sf, sy, qf, qy, d)
+        assert torch.isfinite(reg) and reg > 0
+        torch.testing.assert_close(on.episode_loss(sf, sy, qf, qy, d), query_loss + 0.1 * reg)
+        # the regulariser is a training term only: test-time predictions are the same
+        torch.testing.assert_close(on.adapt_features(sf, sy, d)(qf), off.adapt_features(sf, sy, d)(qf))
+        # ... and it does not depend on the order of the examples
+        perm_s, perm_q = torch.randperm(len(sy)), torch.randperm(len(qy))
+        torch.testing.assert_close(on.regularizer_loss(sf[perm_s], sy[perm_s], qf[perm_q], qy[perm_q], d), reg)
+
+
+def test_feat_regularizer_trains_the_attention_and_the_backbone() -> None:
+    torch.manual_seed(0)
+    learner = FEAT(TinyMLP(3 * 8 * 8, hidden=4), balance=1.0).double()
+    ep = random_episode("MULTICLASS_CLASSIFICATION", 3, seed=1, dtype=torch.float64)
+    sf, qf = learner._features(ep)
+    reg = learner.regularizer_loss(sf, ep.support_labels, qf, ep.query_labels, ep.description)
+    reg.backward()
+    for module in (learner.attention, learner.backbone):
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(bool(g.abs().sum() > 0) for g in grads)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"balance": -0.1}, "balance"), ({"temperature2": 0.0}, "temperature2")])
+def test_feat_rejects_bad_regularizer_options(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=f"FEAT: {match}"):
+        FEAT(_flat(), **kwargs)
+
 # -- properties of every inductive learner --------------------------------------------------------------
 def _learners() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)

@@ -99,6 +99,44 @@ def test_bd_cspn_rectified_prototypes_by_hand() -> None:
     torch.testing.assert_close(logits, eps * cos)
 
 
+
+def test_bd_cspn_top_z_keeps_the_most_confident_queries_per_class_by_hand() -> None:
+    """Support (2, 0) and (0, 2); queries (3, 1), (2, 1), (-2, 1) have the support mean (1, 1)
+    (no shift). (3, 1) and (2, 1) are pseudo-labelled 0, (3, 1) with the larger margin
+    (cos 3/sqrt10 vs 1/sqrt10 against 2/sqrt5 vs 1/sqrt5); (-2, 1) is class 1. top_z=1 keeps
+    (3, 1) alone in class 0; top_z=None (easyfsl) keeps both."""
+    support = torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    a, b, c = [3.0, 1.0], [2.0, 1.0], [-2.0, 1.0]
+    query = torch.tensor([a, b, c], dtype=torch.float64)
+    eps = 2.0
+    w_s, w_a = math.exp(eps), math.exp(eps * 3 / math.sqrt(10))
+    w_b, w_c = math.exp(eps * 2 / math.sqrt(5)), math.exp(eps / math.sqrt(5))
+    s0, s1 = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
+    ta, tb, tc = (torch.tensor(v, dtype=torch.float64) for v in (a, b, c))
+    p1 = (w_s * s1 + w_c * tc) / (w_s + w_c)
+    top1 = torch.stack([(w_s * s0 + w_a * ta) / (w_s + w_a), p1])
+    every = torch.stack([(w_s * s0 + w_a * ta + w_b * tb) / (w_s + w_a + w_b), p1])
+    torch.testing.assert_close(rectify_prototypes(support, labels, query, 2, epsilon=eps, top_z=1), top1)
+    torch.testing.assert_close(rectify_prototypes(support, labels, query, 2, epsilon=eps), every)
+    torch.testing.assert_close(rectify_prototypes(support, labels, query, 2, epsilon=eps, top_z=2), every)
+    d = TaskDescription("MULTICLASS_CLASSIFICATION", ("a", "b"), "toy: t", "toy")
+    logits = BDCSPN(Identity(2), epsilon=eps, top_z=1).adapt_features(support, labels, d)(query)
+    cos = torch.nn.functional.cosine_similarity(query[:, None, :], top1[None], dim=2)
+    torch.testing.assert_close(logits, eps * cos)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_bd_cspn_top_z_at_least_the_query_count_is_the_default_and_smaller_differs(target: str) -> None:
+    sf, sy, qf, _, d = features(target, queries=4, seed=3)
+    default = BDCSPN(Identity()).adapt_features(sf, sy, d)(qf)
+    torch.testing.assert_close(BDCSPN(Identity(), top_z=len(qf)).adapt_features(sf, sy, d)(qf), default)
+    one = make("bd_cspn", top_z=1).adapt_features(sf, sy, d)(qf)
+    assert one.shape == default.shape and torch.isfinite(one).all()
+    assert not torch.allclose(one, default)
+    perm = torch.randperm(len(qf), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(make("bd_cspn", top_z=1).adapt_features(sf, sy, d)(qf[perm]), one[perm])
+
 def test_bd_cspn_shift_moves_queries_to_the_support_mean() -> None:
     """A query set translated by a constant gets the same rectified prototypes (the shift undoes it)."""
     sf, sy, qf, _, _ = features("MULTICLASS_CLASSIFICATION")
@@ -234,6 +272,8 @@ def test_bad_input_is_refused_before_work(name: str) -> None:
         (PTMAP, {"normalize": "l1"}, "PTMAP: normalize"),
         (LaplacianShot, {"knn": 0}, "LaplacianShot: knn"),
         (BDCSPN, {"epsilon": -1}, "BDCSPN: epsilon"),
+        (BDCSPN, {"top_z": 0}, "BDCSPN: top_z"),
+        (BDCSPN, {"top_z": 1.5}, "BDCSPN: top_z"),
         (TransductiveFineTune, {"distance": "dot"}, "TransductiveFineTune: distance"),
     ],
 )

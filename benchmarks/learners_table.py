@@ -24,8 +24,8 @@ own column group. ``--quick`` shortens the test-time optimisation of learners th
 the backbone (``steps`` 10, ``eval_inner_steps`` 8, ``select_steps`` 5, ``pseudo_episodes`` 1,
 where the learner has them and its default is larger); the table says which settings changed.
 
-    python benchmarks/learners_table.py --quick --instances 1 --shots 5   # smoke size: ~45 min on 2 loaded cores
-    python benchmarks/learners_table.py --quick                  # ~6x that
+    python benchmarks/learners_table.py --quick --threads 1      # ~20 min on 2 loaded cores (24 episodes per learner)
+    python benchmarks/learners_table.py --quick --instances 5 --threads 1   # the table in docs/learners.md
     python benchmarks/learners_table.py --instances 20 --out docs/learners_table.md  # full, hours on CPU
     python benchmarks/learners_table.py --learners protonet linear_probe_cv --quick
     python benchmarks/learners_table.py --quick --work-dir runs/table --resume   # continue a stopped run
@@ -57,6 +57,7 @@ from medmeta.evaluation.metrics import mean_ci
 from medmeta.evaluation.protocols import ProtocolConfig, protocol_episodes
 from medmeta.evaluation.ranking import task_ranks
 from medmeta.learners import LEARNERS, create_learner, list_learners
+from medmeta.threads import apply_num_threads
 
 NOT_TEST_TIME = {"mm_pt": "a pre-training method (trained by medmeta-train; tested with finetune)"}
 QUICK = {"steps": 10, "eval_inner_steps": 8, "select_steps": 5, "pseudo_episodes": 1}
@@ -205,14 +206,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="tasks to run (default all 13; quick: the first task of each task kind)")
     parser.add_argument("--learners", nargs="+", default=None, help="registered names (default: every one)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: $MEDMETA_NUM_THREADS, else this process's CPU share)")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
     parser.add_argument("--work-dir", type=Path, default=None, help="episode lists and per-learner reports")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the learners already finished in --work-dir (same settings) instead of rerunning them")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_num_threads(args.threads)  # as the apps: --threads, else $MEDMETA_NUM_THREADS, else the CPU share
     instances = args.instances or (3 if args.quick else 10)
     shots = tuple(args.shots or ((3, 5) if args.quick else tuple(range(3, 11))))
 

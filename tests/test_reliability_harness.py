@@ -92,4 +92,49 @@ def test_short_mode_every_case_passes(tmp_path):
     for c in cats:
         assert c.tried > 0, c.name
         assert c.passed == c.tried, f"{c.name}: {c.failures}"
-    assert next(c for c in cats if c.name == "killed runs").tried >= 4  # two apps, a kill and a resume each
+    killed = next(c for c in cats if c.name == "killed runs")
+    # meta-training and the protocol run (resumed) and the VisioMel runner (rerun): a kill and a finished chain each
+    assert [(name, tried) for name, tried, _, _ in killed.parts] == [
+        ("meta-training (protonet)", 2), ("protocol run (evaluate)", 2), ("VisioMel runner", 2)]
+    readonly = next(c for c in cats if c.name == "read-only data")
+    assert readonly.tried == 3  # the reader, the hook's own check and the VisioMel runner on read-only folders
+
+
+def test_harness_scan_flags_half_written_files_and_skips_temporaries(tmp_path):
+    harness = _harness()
+    (tmp_path / "metrics.csv").write_bytes(b"step,name,value\n1,loss,0.5\n2,lo")  # last row cut short
+    (tmp_path / "report.json").write_text('{"a": 1')
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ok.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:40])
+    (tmp_path / ".case_000.nii.gz.ab12cd_3.nii.gz").write_bytes(b"\x1f\x8b")  # an atomic write cut short
+    (tmp_path / ".last.pt.zz9x_k01.tmp").write_bytes(b"")
+    problems, temps = harness.scan_folder(tmp_path)
+    assert temps == 2
+    assert sorted(p.split(":")[0] for p in problems) == ["cut.pt", "metrics.csv", "report.json"]
+
+
+def test_detection_cli_passes_checkpoint_every_to_the_trainer(tmp_path, monkeypatch):
+    """``--checkpoint-every`` (what the harness uses to kill detection training between checkpoints)
+    reaches ``train_detector``; without it the trainer's default (100 steps) applies."""
+    import warnings
+
+    from medmeta.adapters.slides.detection import cli, detector
+    from medmeta.adapters.slides.detection.synthetic_cytology import make_synthetic_cytology_set
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_synthetic_cytology_set(tmp_path / "set", 1, 0, size=(384, 384), seed=0)
+    seen = []
+
+    def fake_train(model, dataset, **kwargs):
+        seen.append(kwargs.get("checkpoint_every"))
+        return [{"loss": 0.0}]
+
+    monkeypatch.setattr(detector, "train_detector", fake_train)
+    args = ["train", "--slides", str(tmp_path / "set" / "slides"), "--annotations", str(tmp_path / "set" / "annotations"),
+            "--arch", "retinanet", "--backbone", "medmeta_conv4_tiny", "--fpn-channels", "16", "--patch-size", "96",
+            "--cell-patches", "1", "--background-patches", "1", "--negative-patches", "1", "--iterations", "3",
+            "--device", "cpu", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "d.pt")]
+    assert cli.main([*args, "--checkpoint-every", "2"]) == 0
+    assert cli.main(args) == 0
+    assert seen == [2, None]

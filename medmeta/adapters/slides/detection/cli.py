@@ -120,7 +120,8 @@ def _train(args: argparse.Namespace) -> int:
     model = build_detector(arch=args.arch, backbone=args.backbone, fpn_channels=args.fpn_channels,
                            pretrained=args.pretrained).to(device)
     history = train_detector(model, dataset, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                             num_workers=args.workers, seed=args.seed, run_dir=args.run_dir)
+                             num_workers=args.workers, seed=args.seed, run_dir=args.run_dir,
+                             checkpoint_every=args.checkpoint_every)
     save_detector(args.out, model, extra={"final_loss": history[-1]["loss"], "iterations": args.iterations,
                                           "patch_size": args.patch_size, "level": args.level})
     print(f"[train] saved {args.out}")
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--run-dir", default=None,
                    help="run folder for checkpoints/ and metrics.csv; run again with it to resume an interrupted run")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints of --run-dir (default 100)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("synthesize", help="write a synthetic cytology set (slides/ and annotations/)")

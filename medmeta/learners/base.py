@@ -34,6 +34,7 @@ __all__ = [
     "EpisodeScope",
     "check_trainable",
     "trainable_learners",
+    "with_fixed_options",
 ]
 
 Predictor = Callable[[Tensor], Tensor]
@@ -144,3 +145,18 @@ def check_trainable(learner: Any, name: Optional[str] = None) -> TrainingKind:
         f"learner={name} is not trainable ({_HOW[None]}): evaluate it with "
         f"medmeta-evaluate +learner@learners.{name}={name}, or train one of {trainable}"
     )
+
+
+def with_fixed_options(learner: type, kwargs: dict[str, Any], instead: str) -> dict[str, Any]:
+    """``kwargs`` with the settings that a variant class fixes (its ``fixed_options``) filled in.
+
+    A variant (FOMAML of MAML, LinearProbeCV of LinearProbe, ...) takes its parent's arguments
+    less the ones it fixes; the config schema leaves those out (:func:`medmeta.config.constructor_parameters`).
+    Passing a fixed setting with another value is a :class:`~medmeta.errors.ConfigError` that
+    names the parent class to use ``instead``.
+    """
+    fixed: dict[str, Any] = getattr(learner, "fixed_options", {})
+    for key, value in fixed.items():
+        if key in kwargs and kwargs[key] != value:
+            raise ConfigError(f"{learner.__name__} fixes {key}={value!r}; got {key}={kwargs[key]!r} (use {instead})")
+    return {**kwargs, **fixed}

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from medmeta.learners.base import Learner, Predictor
 from medmeta.learners.checks import check_query, check_support
+from medmeta.modes import module_mode
 from medmeta.tasks import TaskDescription
 
 __all__ = ["FrozenFeatureLearner"]
@@ -24,12 +25,8 @@ class FrozenFeatureLearner(Learner):
 
     def embed(self, images: Tensor) -> Tensor:
         """Backbone features ``(B, D)`` in eval mode; the backbone's mode is restored afterwards."""
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
+        with module_mode(self.backbone, False):
             return self.backbone(images)
-        finally:
-            self.backbone.train(was_training)
 
     def embed_no_grad(self, images: Tensor) -> Tensor:
         with torch.no_grad():

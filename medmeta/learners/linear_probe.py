@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmeta.errors import ConfigError
-from medmeta.learners.base import Predictor
+from medmeta.learners.base import Predictor, with_fixed_options
 from medmeta.learners.checks import check_query_features, check_support_features, feature_dim
 from medmeta.learners.frozen import FrozenFeatureLearner
 from medmeta.learners.heads import task_loss
@@ -345,8 +345,4 @@ class LinearProbeCV(LinearProbe):
     fixed_options: ClassVar[dict[str, Any]] = {"select_weight_decay": True}
 
     def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
-        for key, value in self.fixed_options.items():
-            if key in kwargs and kwargs[key] != value:
-                raise ConfigError(f"{type(self).__name__} fixes {key}={value!r}; got {key}={kwargs[key]!r} (use LinearProbe)")
-            kwargs[key] = value
-        super().__init__(backbone, **kwargs)
+        super().__init__(backbone, **with_fixed_options(type(self), kwargs, instead="LinearProbe"))

@@ -59,7 +59,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from medmeta.learners.base import EpisodeScope, Learner, Predictor
+from medmeta.learners.base import EpisodeScope, Learner, Predictor, with_fixed_options
 from medmeta.learners.checks import check_episodes, check_query, check_support, feature_dim
 from medmeta.learners.heads import task_loss
 from medmeta.learners.protonet import class_prototypes, prototype_head
@@ -686,11 +686,7 @@ class MAMLVariant(MAML):
     fixed_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
-        for key, value in self.fixed_options.items():
-            if key in kwargs and kwargs[key] != value:
-                raise ValueError(f"{type(self).__name__} fixes {key}={value!r}; got {key}={kwargs[key]!r} (use MAML)")
-            kwargs[key] = value
-        super().__init__(backbone, **kwargs)
+        super().__init__(backbone, **with_fixed_options(type(self), kwargs, instead="MAML"))
 
 
 class FOMAML(MAMLVariant):

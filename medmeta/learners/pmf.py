@@ -296,13 +296,8 @@ class PMF(ProtoNet):
 
         def predict(query_images: Tensor) -> Tensor:
             check_query(query_images, support_images, description)
-            was = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    return prototype_logits(norm(model(query_images)), protos, self.distance, temperature)
-            finally:
-                model.train(was)
+            with module_mode(model, False), torch.no_grad():
+                return prototype_logits(norm(model(query_images)), protos, self.distance, temperature)
 
         return predict
 

@@ -43,6 +43,7 @@ from medmeta.learners.checks import (
 from medmeta.learners.heads import task_loss, task_probabilities
 from medmeta.learners.protonet import class_prototypes
 from medmeta.learners.transductive import check_positive
+from medmeta.modes import module_mode
 from medmeta.tasks import TaskDescription
 
 __all__ = ["TransductiveFineTune", "PrototypeHead", "query_entropy"]
@@ -199,13 +200,8 @@ class TransductiveFineTune(Learner):
         return predict
 
     def _embed(self, images: Tensor) -> Tensor:
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            with torch.no_grad():
-                return self.backbone(images)
-        finally:
-            self.backbone.train(was_training)
+        with module_mode(self.backbone, False), torch.no_grad():
+            return self.backbone(images)
 
     def _frozen_adapt(self, support_images: Tensor, support_labels: Tensor, description: TaskDescription) -> Predictor:
         features_predictor = self.adapt_features(self._embed(support_images), support_labels, description)

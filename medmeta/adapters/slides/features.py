@@ -24,6 +24,7 @@ from medmeta.adapters.slides.backends.base import slide_fingerprint
 from medmeta.adapters.slides.errors import FingerprintMismatchError
 from medmeta.adapters.slides.tiling import TileDataset, TileGrid, tile_slide
 from medmeta.io import atomic_path
+from medmeta.modes import module_mode
 
 __all__ = [
     "SlideFeatures",
@@ -169,8 +170,6 @@ def embed_tiles(
     if len(grid) == 0:
         raise ValueError(f"embed_tiles: the tile grid of {slide_path} is empty")
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
     dataset = TileDataset(slide_path, grid, transform=transform, backend=backend)
     loader = DataLoader(
         dataset,
@@ -182,16 +181,16 @@ def embed_tiles(
     )
     out = []
     try:
-        for images, _ in loader:
-            feats = backbone(images.to(device, non_blocking=True))
-            if feats.ndim != 2:
-                raise ValueError(
-                    f"embed_tiles: backbone returned shape {tuple(feats.shape)}; expected pooled (B, D) features"
-                )
-            out.append(feats.float().cpu())
+        with module_mode(backbone, False):
+            for images, _ in loader:
+                feats = backbone(images.to(device, non_blocking=True))
+                if feats.ndim != 2:
+                    raise ValueError(
+                        f"embed_tiles: backbone returned shape {tuple(feats.shape)}; expected pooled (B, D) features"
+                    )
+                out.append(feats.float().cpu())
     finally:
         dataset.close()
-        backbone.train(was_training)
     return torch.cat(out).numpy()
 
 

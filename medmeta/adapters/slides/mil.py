@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from medmeta.learners.base import Learner, Predictor
 from medmeta.learners.heads import check_labels, task_loss
+from medmeta.modes import module_mode
 from medmeta.registry import Registry
 from medmeta.tasks import TaskDescription, TaskTarget
 
@@ -399,10 +400,8 @@ def predict_mil(model: nn.Module, bags: "Bags | Sequence[Tensor]", batch_size: i
     """Logits ``(B, num_outputs)`` of each bag, in order."""
     bags = bags if isinstance(bags, Bags) else Bags(list(bags))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = [model(bags[i : i + batch_size].to(device)) for i in range(0, len(bags), batch_size)]
-    model.train(was_training)
+    with module_mode(model, False):
+        out = [model(bags[i : i + batch_size].to(device)) for i in range(0, len(bags), batch_size)]
     return torch.cat(out).cpu()
 
 

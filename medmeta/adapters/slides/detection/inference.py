@@ -32,6 +32,7 @@ from torchvision.ops import batched_nms
 from medmeta.adapters.slides.detection.annotations import write_predictions, xyxy_to_xywh
 from medmeta.adapters.slides.detection.detector import predict_images
 from medmeta.errors import DataFormatError
+from medmeta.modes import module_mode
 
 __all__ = ["CYTOLOGY_TISSUE", "SlideDetections", "detection_grid", "detect_slide", "run_inference", "slide_id_of", "SLIDE_SUFFIXES"]
 
@@ -244,9 +245,7 @@ def detect_slide(
     all_boxes, all_scores, all_labels = [], [], []
     t_read = t_model = t_post = 0.0
     n = len(grid.coords)
-    was_training = model.training
-    model.eval()
-    try:
+    with module_mode(model, False):
         for start in range(0, n, batch_size):
             t0 = time.perf_counter()
             chunk = grid.coords[start:start + batch_size]
@@ -274,8 +273,6 @@ def detect_slide(
             t_post += time.perf_counter() - t2
             if progress is not None:
                 progress(min(start + batch_size, n), n)
-    finally:
-        model.train(was_training)
     t0 = time.perf_counter()
     if all_boxes:
         boxes = np.concatenate(all_boxes)

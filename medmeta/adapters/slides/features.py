@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from medmeta.adapters.slides.backends.base import slide_fingerprint
 from medmeta.adapters.slides.errors import FingerprintMismatchError
 from medmeta.adapters.slides.tiling import TileDataset, TileGrid, tile_slide
+from medmeta.evaluation.feature_cache import weights_fingerprint
 from medmeta.io import atomic_path
 from medmeta.modes import module_mode
 
@@ -38,15 +39,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def backbone_digest(model: nn.Module) -> str:
-    """A hash of a model's weights and buffers (names, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
+backbone_digest = weights_fingerprint
+"""The hash of a backbone's weights and buffers in a slide cache key: the protocols' feature
+cache fingerprint (:func:`medmeta.evaluation.feature_cache.weights_fingerprint`), one for both."""
 
 
 def _backbone_name(model: nn.Module) -> str:

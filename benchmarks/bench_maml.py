@@ -20,15 +20,17 @@ medmeta runs ``learner.meta_backward(meta_batch)``, what its training loop calls
 
 Before timing, the parent checks in float64 on a small Conv-4 that every medmeta method's
 meta-gradient equals the baseline's (max relative difference printed). Speed: for each
-configuration one child process builds both implementations and runs alternating blocks of a
-few meta-iterations each (order reversed every other block), so load from other processes hits
-both alike; the table gives the median episodes/s and the median of the per-block ratios. On CPU
-the clock is the process's CPU time with one torch thread (``--threads``), since on a shared
-machine wall time mostly measures the other processes; on CUDA it is wall time.
-Memory: a fresh child process per configuration and implementation runs two meta-iterations;
-peak memory above the state after setup (CPU: the child's peak resident set size ``VmHWM``
-above its resident size after setup and one plain forward/backward pass, which maps the
-kernels' code; CUDA: ``torch.cuda.max_memory_allocated`` above what setup allocated).
+configuration one process (on CPU a fresh child process, on CUDA the parent) builds every
+implementation and runs alternating blocks of a few meta-iterations each (order reversed every
+other block), so load from other processes hits all alike; the table gives the median episodes/s
+and the median of the per-block ratios. On CPU the clock is the process's CPU time with one torch
+thread (``--threads``), since on a shared machine wall time mostly measures the other processes;
+on CUDA it is wall time.
+Memory: peak tensor memory of two meta-iterations above what was allocated before them, for each
+implementation in turn: ``torch.cuda.max_memory_allocated`` on CUDA, the same count from the
+profiler's CPU allocation events on the CPU (``medmeta.memory.track_peak_memory``). It counts live tensors, as
+the methods differ, not allocator caches or the process's resident memory, which moved by
+several MiB from run to run on the shared machine.
 
 With ``--device cuda`` medmeta's ``vmap=True`` (tasks of equal shape batched into one inner
 loop) is also run against medmeta's loop.
@@ -47,7 +49,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +58,7 @@ from medmeta.backbones import create_backbone
 from medmeta.backbones.conv4 import Conv4
 from medmeta.learners.heads import task_loss
 from medmeta.learners.maml import ANIL, FOMAML, MAML, MetaSGD
+from medmeta.memory import track_peak_memory
 from medmeta.tasks import Episode, TaskDescription, TaskTarget
 
 METHODS = ("MAML", "FOMAML", "ANIL", "Meta-SGD")
@@ -192,35 +195,24 @@ def make_learner(impl: str, method: str, backbone: nn.Module, inner_steps: int) 
     return LEARNERS[method](backbone, inner_steps=inner_steps, inner_lr=INNER_LR, vmap=impl == "medmeta-vmap")
 
 
-def make_step(learner: Any) -> Callable[[list[Episode]], None]:
-    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+class MetaStep:
+    """One meta-iteration, as the training loop runs it: zero the gradients, ``meta_backward``, Adam step."""
 
-    def step(episodes: list[Episode]) -> None:
-        opt.zero_grad()
-        learner.meta_backward(episodes)
-        opt.step()
+    def __init__(self, learner: Any) -> None:
+        self.learner = learner
+        self.optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
-    return step
+    def __call__(self, episodes: list[Episode]) -> None:
+        self.optimizer.zero_grad()
+        self.learner.meta_backward(episodes)
+        self.optimizer.step()
 
 
 # -- measurement in a child process ------------------------------------------------------------------
-def _proc_status_bytes(field: str) -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, from /proc.
-
-    ``VmHWM`` belongs to the process image, unlike ``getrusage``'s ``ru_maxrss``, which Linux
-    carries across ``execve`` and so would include the (large) parent that forked the child.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} (peak RSS needs Linux)")
-
-
 def _setup(spec: dict[str, Any], impl: str, device: torch.device):
     cfg = {**BACKBONES[spec["backbone"]], **spec.get("overrides", {})}
     backbone = make_backbone(spec["backbone"], device)
-    return cfg, backbone, make_step(make_learner(impl, spec["method"], backbone, spec["steps"]))
+    return cfg, backbone, MetaStep(make_learner(impl, spec["method"], backbone, spec["steps"]))
 
 
 def _clock(device: torch.device) -> float:
@@ -233,32 +225,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def child_memory(spec: dict[str, Any], device: torch.device) -> dict[str, float]:
-    """Peak memory of one implementation in this fresh process, above the state after setup."""
-    cfg, backbone, step = _setup(spec, spec["impl"], device)
-    batches = make_episodes(cfg, device)
-    # prime: one plain forward/backward maps the kernels' code, a fixed cost that is not the method's
-    ep = batches[0][0]
-    backbone(torch.cat([ep.support_images, ep.query_images])).sum().backward()
-    backbone.zero_grad(set_to_none=True)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _proc_status_bytes("VmRSS")
-    for i in range(2):
-        step(batches[i % len(batches)])
-    _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else _proc_status_bytes("VmHWM") - base
-    return {"peak_mib": max(peak, 0) / 2**20}
-
-
-def child_time(spec: dict[str, Any], impls: list[str], device: torch.device) -> dict[str, list[float]]:
-    """Seconds per meta-iteration of every implementation, in alternating blocks in this process.
+def child_time(spec: dict[str, Any], impls: list[str], device: torch.device) -> dict[str, Any]:
+    """Seconds per meta-iteration of every implementation, in alternating blocks in this process
+    (``"seconds"``: impl -> one value per block), and each one's peak memory (``"peak_mib"``).
 
     Block ``b`` runs ``iterations`` meta-iterations of each implementation in turn (the order
     reversed every other block), so that load from other processes hits all of them alike.
+    Memory: two meta-iterations of one implementation after the timing, their peak tensor memory
+    above what was allocated before them (every implementation's weights and optimiser state;
+    :func:`medmeta.memory.track_peak_memory`), with the previous gradients released first.
     """
     runs = {impl: _setup(spec, impl, device) for impl in impls}
     cfg = runs[impls[0]][0]
@@ -276,7 +251,16 @@ def child_time(spec: dict[str, Any], impls: list[str], device: torch.device) -> 
                 step(batches[i % len(batches)])
             _sync(device)
             out[impl].append((_clock(device) - t0) / cfg["iterations"])
-    return out
+    peak_mib: dict[str, float] = {}
+    for impl in impls:
+        step = runs[impl][2]
+        step.optimizer.zero_grad(set_to_none=True)
+
+        with track_peak_memory(device) as peak:
+            for i in range(2):
+                step(batches[i % len(batches)])
+        peak_mib[impl] = peak.mib
+    return {"seconds": out, "peak_mib": peak_mib}
 
 
 def run_child(spec: dict[str, Any], args: argparse.Namespace) -> Optional[dict[str, Any]]:
@@ -307,6 +291,28 @@ def check_gradients(device: torch.device) -> dict[str, float]:
     return out
 
 
+def table_row(
+    backbone: str, method: str, steps: int, seconds: dict[str, list[float]], peak_mib: dict[str, float],
+    meta_batch: int, device: torch.device,
+) -> str:
+    """One markdown row: episodes/s (median over blocks), the median per-block speed ratio, peak memory."""
+
+    def eps(impl: str) -> float:
+        return meta_batch / statistics.median(seconds[impl])
+
+    def ratio(impl: str, ref: str) -> float:
+        return statistics.median(r / o for r, o in zip(seconds[ref], seconds[impl]))
+
+    def mib(impl: str) -> str:
+        return f"{peak_mib[impl]:.1f}" if impl in peak_mib else "failed"
+
+    row = (f"| {backbone} | {method} | {steps} | {eps('baseline'):.2f} | {eps('medmeta'):.2f} | "
+           f"{ratio('medmeta', 'baseline'):.2f}x | {mib('baseline')} | {mib('medmeta')} |")
+    if "medmeta-vmap" in seconds:
+        row += f" {eps('medmeta-vmap'):.2f} | {ratio('medmeta-vmap', 'medmeta'):.2f}x | {mib('medmeta-vmap')} |"
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="Conv-4 only, 3 blocks")
@@ -315,6 +321,7 @@ def main() -> None:
     p.add_argument("--steps", default="1,5", help="inner steps, comma-separated")
     p.add_argument("--blocks", type=int, default=None, help="alternating baseline/medmeta blocks (default 5, quick 3)")
     p.add_argument("--iterations", type=int, default=None, help="timed meta-iterations per child (default per backbone)")
+    p.add_argument("--meta-batch", type=int, default=None, help="episodes per meta-iteration (default per backbone)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each child (CPU default 1: CPU time is measured)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -323,10 +330,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.child:
         spec = json.loads(args.child)
-        if spec["mode"] == "memory":
-            print(json.dumps(child_memory(spec, torch.device(args.device))))
-        else:
-            print(json.dumps(child_time(spec, spec["impls"], torch.device(args.device))))
+        print(json.dumps(child_time(spec, spec["impls"], torch.device(args.device))))
         return
     device = torch.device(args.device)
     if device.type == "cpu" and not args.threads:
@@ -336,57 +340,33 @@ def main() -> None:
     methods = args.methods.split(",")
     blocks = args.blocks or (3 if args.quick else 5)
     impls = ["baseline", "medmeta"] + (["medmeta-vmap"] if device.type == "cuda" else [])
-    overrides = {} if args.iterations is None else {"iterations": args.iterations}
+    overrides = {k: v for k, v in (("iterations", args.iterations), ("meta_batch", args.meta_batch)) if v is not None}
     checks = check_gradients(device)
     configs = [(b, m, int(s)) for b in backbones for m in methods for s in args.steps.split(",")]
-    timing: dict[tuple, dict[str, list[float]]] = {}
-    memory: dict[tuple, dict[str, float]] = {}
-    for b, m, s in configs:
-        spec = dict(backbone=b, method=m, steps=s, overrides=overrides, blocks=blocks, impls=impls, mode="time")
-        res = run_child(spec, args)
-        if res is not None:
-            timing[(b, m, s)] = res
-        for impl in impls:
-            mem = run_child(dict(spec, impl=impl, mode="memory"), args)
-            if mem is not None:
-                memory[(b, m, s, impl)] = mem
-        print(f"# {b} {m} {s} steps done", file=sys.stderr)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    mem_name = "peak CUDA MiB above setup" if device.type == "cuda" else "peak RSS MiB above setup"
+    mem_name = f"peak {'CUDA' if device.type == 'cuda' else 'CPU'} tensor MiB"
     clock = "wall time" if device.type == "cuda" else "process CPU time"
     print(f"# MAML family meta-training on {args.device} ({where}, {clock}), transductive BatchNorm, zero head per task, "
           f"inner lr {INNER_LR}. Speed: {blocks} alternating blocks in one process per configuration, median of the "
-          f"per-block ratios; memory: a fresh process per configuration and implementation")
+          f"per-block ratios; memory: peak tensor memory of two meta-iterations above what was allocated before them")
     for b in backbones:
         c = {**BACKBONES[b], **overrides}
         print(f"# {b}: {c['image_size']} px, {c['way']}-way {c['shot']}-shot {c['query']}-query, meta-batch "
               f"{c['meta_batch']}, {c['iterations']} meta-iterations per block after {c['warmup']} warm-up")
-    extra = " medmeta vmap ep/s | vmap / loop |" if "medmeta-vmap" in impls else ""
+    extra = f" medmeta vmap ep/s | vmap / loop | vmap {mem_name} |" if "medmeta-vmap" in impls else ""
     print(f"| backbone | method | inner steps | baseline ep/s | medmeta ep/s | medmeta / baseline | "
           f"baseline {mem_name} | medmeta {mem_name} |{extra}")
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if extra else ""))
-
-    def mib(key: tuple) -> str:
-        return f"{memory[key]['peak_mib']:.0f}" if key in memory else "failed"
-
-    for b, m, s in configs:
-        if (b, m, s) not in timing:
-            print(f"| {b} | {m} | {s} | failed | | | | |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if extra else ""), flush=True)
+    for b, m, s in configs:  # each row printed when measured, so a time-boxed run keeps what it measured
+        spec = dict(backbone=b, method=m, steps=s, overrides=overrides, blocks=blocks, impls=impls)
+        if device.type == "cuda":  # in this process: CUDA memory is per implementation there too (child_time)
+            res: Optional[dict[str, Any]] = child_time(spec, impls, device)
+        else:
+            res = run_child(spec, args)
+        if res is None:
+            print(f"| {b} | {m} | {s} | failed | | | | |", flush=True)
             continue
-        t = timing[(b, m, s)]
-        meta_batch = {**BACKBONES[b], **overrides}["meta_batch"]
-
-        def eps(impl: str) -> float:
-            return meta_batch / statistics.median(t[impl])
-
-        def ratio(impl: str, ref: str) -> float:
-            return statistics.median(r / o for r, o in zip(t[ref], t[impl]))
-
-        row = (f"| {b} | {m} | {s} | {eps('baseline'):.2f} | {eps('medmeta'):.2f} | {ratio('medmeta', 'baseline'):.2f}x | "
-               f"{mib((b, m, s, 'baseline'))} | {mib((b, m, s, 'medmeta'))} |")
-        if extra:
-            row += f" {eps('medmeta-vmap'):.2f} | {ratio('medmeta-vmap', 'medmeta'):.2f}x |"
-        print(row)
+        print(table_row(b, m, s, res["seconds"], res["peak_mib"], {**BACKBONES[b], **overrides}["meta_batch"], device), flush=True)
     print("\nmeta-gradient check (float64, Conv-4 16 px, 3-way 2-shot, meta-batch 2), max |medmeta - baseline| / max |baseline|: "
           + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
 

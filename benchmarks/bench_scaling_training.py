@@ -4,8 +4,9 @@ One meta-training step is what medmeta's training loop does per step, without da
 (``bench_sampler.py`` measures that): ``learner.meta_backward(meta_batch)`` (task by task, each
 task's graph freed after its backward) and one outer Adam step. Each meta-batch size runs in a
 fresh child process: the median seconds of a few steps after one warm-up step, and the peak
-memory above the state after setup (CPU: peak resident set size ``VmHWM`` above the resident
-size after setup and one plain forward/backward pass; CUDA: ``torch.cuda.max_memory_allocated``).
+tensor memory of one more step above what was allocated before it
+(:func:`medmeta.memory.track_peak_memory`: ``torch.cuda.max_memory_allocated`` on CUDA, the
+profiler's allocation events on the CPU; the weights and the optimiser state are not counted).
 The baseline for the ratios is meta-batch 1 in the same run: seconds per step should grow
 linearly with the meta-batch (the ``s / task`` column stays flat) and peak memory should not grow
 with it (one task's graph at a time), which is what lets the table predict longer runs.
@@ -27,7 +28,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_maml import LEARNERS, _proc_status_bytes, make_backbone, make_episodes  # noqa: E402
+from bench_maml import LEARNERS, make_backbone, make_episodes  # noqa: E402
+
+from medmeta.memory import track_peak_memory  # noqa: E402
 
 NAMES = {"maml": "MAML", "fomaml": "FOMAML", "anil": "ANIL", "metasgd": "Meta-SGD"}
 
@@ -40,16 +43,7 @@ def child(spec: dict[str, Any], device: torch.device) -> dict[str, float]:
                meta_batch=spec["meta_batch"])
     batches = make_episodes(cfg, device)
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
-    ep = batches[0][0]
-    backbone(torch.cat([ep.support_images, ep.query_images])).sum().backward()  # maps the kernels' code
-    backbone.zero_grad(set_to_none=True)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _proc_status_bytes("VmRSS")
     times = []
     for i in range(1 + spec["steps"]):
         t0 = time.perf_counter()
@@ -60,8 +54,11 @@ def child(spec: dict[str, Any], device: torch.device) -> dict[str, float]:
             torch.cuda.synchronize(device)
         if i > 0:  # the first step is warm-up
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) - base if cuda else _proc_status_bytes("VmHWM") - base
-    return {"seconds": statistics.median(times), "peak_mib": max(peak, 0) / 2**20}
+    opt.zero_grad(set_to_none=True)
+    with track_peak_memory(device) as peak:
+        learner.meta_backward(batches[0])
+        opt.step()
+    return {"seconds": statistics.median(times), "peak_mib": peak.mib}
 
 
 def main() -> None:
@@ -100,7 +97,7 @@ def main() -> None:
             rows.append((mb, json.loads(result.stdout.strip().splitlines()[-1]), ""))
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    mem = "peak CUDA MiB above setup" if device.type == "cuda" else "peak RSS MiB above setup"
+    mem = f"peak {'CUDA' if device.type == 'cuda' else 'CPU'} tensor MiB of a step"
     print(f"# meta-training scaling on {args.device} ({where}): {NAMES[args.learner]} on {args.backbone}, "
           f"{args.image_size} px, {args.way}-way {args.shot}-shot {args.query} query per class, {args.inner_steps} inner "
           f"steps; median of {steps} steps after 1 warm-up, a fresh process per meta-batch size")
@@ -114,7 +111,7 @@ def main() -> None:
         per_task = res["seconds"] / mb
         t_ratio = per_task / (first["seconds"] / sizes[0]) if first else float("nan")
         m_ratio = res["peak_mib"] / first["peak_mib"] if first and first["peak_mib"] > 0 else float("nan")
-        print(f"| {mb} | {res['seconds']:.2f} | {per_task:.3f} | {t_ratio:.2f}x | {res['peak_mib']:.0f} | {m_ratio:.2f}x |")
+        print(f"| {mb} | {res['seconds']:.2f} | {per_task:.3f} | {t_ratio:.2f}x | {res['peak_mib']:.1f} | {m_ratio:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -163,6 +164,7 @@ def inner_loop(
     steps: int,
     lr: InnerRate,
     first_order: bool = False,
+    first_gradients: Optional[Callable[[], Sequence[Tensor]]] = None,
 ) -> tuple[Params, ...]:
     """``steps`` SGD steps on ``loss_fn(*params)``: the one MAML inner loop of medmeta.
 
@@ -179,7 +181,11 @@ def inner_loop(
     gets a zero gradient), which has less per-operation overhead than ``torch.func.grad``;
     inside ``vmap`` (tasks batched) ``torch.func.grad`` is used. Both give the same gradients.
     The gradients are computed even under ``torch.no_grad`` (evaluation); the updates follow
-    the caller's grad mode.
+    the caller's grad mode. ``first_gradients``: the first step's gradients (in the order of
+    ``params``' tensors) from work already done, e.g. a forward pass the caller made at the same
+    parameters (:meth:`MAML._reused_gradients`); not under ``torch.func`` transforms. Each step's
+    gradients and inputs are released before the next step, so a first-order loop holds one set
+    of adapted parameters and one of gradients at a time.
     """
     if callable(lr):
         rate = lr
@@ -193,6 +199,8 @@ def inner_loop(
     if steps <= 0:
         return current
     if _in_functorch_transform():
+        if first_gradients is not None:
+            raise ValueError("inner_loop: first_gradients cannot be used under torch.func transforms")
         grad_fn = grad(loss_fn, argnums=tuple(range(len(current))))
         for _ in range(steps):
             if first_order:
@@ -201,17 +209,31 @@ def inner_loop(
                 grads = grad_fn(*current)
             current = tuple({n: p[n] - rate(i, n) * g[n] for n in p} for i, (p, g) in enumerate(zip(current, grads)))
         return current
-    for _ in range(steps):
-        with torch.enable_grad():
-            inputs = tuple(_as_inputs(p, first_order) for p in current)
-            loss = loss_fn(*inputs)
-            flat = [t for d in inputs for t in d.values()]
-            flat_grads = torch.autograd.grad(
-                loss, flat, create_graph=not first_order, allow_unused=True, materialize_grads=True
-            )
-        it = iter(flat_grads)
-        current = tuple({n: _sgd_update(t, next(it), rate(i, n)) for n, t in p.items()} for i, p in enumerate(current))
+    for step in range(steps):
+        current = tuple(_sgd_step(current, _step_gradients(loss_fn, current, first_order, step, first_gradients), rate))
     return current
+
+
+def _step_gradients(
+    loss_fn: Callable[..., Tensor], params: tuple[Params, ...], first_order: bool, step: int,
+    first_gradients: Optional[Callable[[], Sequence[Tensor]]],
+) -> Sequence[Tensor]:
+    """One inner step's gradients w.r.t. every tensor of ``params`` (flattened in order)."""
+    if step == 0 and first_gradients is not None:
+        return first_gradients()
+    with torch.enable_grad():
+        inputs = tuple(_as_inputs(p, first_order) for p in params)
+        loss = loss_fn(*inputs)
+        return torch.autograd.grad(
+            loss, [t for d in inputs for t in d.values()], create_graph=not first_order, allow_unused=True,
+            materialize_grads=True,
+        )
+
+
+def _sgd_step(params: tuple[Params, ...], grads: Sequence[Tensor], rate: Callable[[int, str], Union[float, Tensor]]) -> Iterator[Params]:
+    it = iter(grads)
+    for i, p in enumerate(params):
+        yield {n: _sgd_update(t, next(it), rate(i, n)) for n, t in p.items()}
 
 
 class MAML(Learner):
@@ -233,7 +255,9 @@ class MAML(Learner):
             through the prototypes into the backbone).
         bn_mode: ``"transductive"`` or ``"running"`` (see module docstring).
         vmap: batch tasks of equal shapes (same target, way and tensor shapes) with
-            ``torch.func.vmap``; others run in a loop.
+            ``torch.func.vmap``; others run in a loop. Pays for small backbones on a GPU
+            (Conv-4 on an H200: 1.03-1.97x the loop) and loses on larger ones and on the CPU
+            (ResNet-18: 0.56-1.03x), at 2-8x the memory (benchmarks/README.md, "On a GPU").
         update_running_stats: refresh BatchNorm running statistics from the support sets
             during meta-training (one extra no-grad forward pass per task).
         ordinal_loss: ``"ce"`` or ``"soft"`` for ordinal tasks (inner and outer loss).
@@ -414,7 +438,7 @@ class MAML(Learner):
         features at the starting parameters: no backward pass through the backbone. In
         transductive mode that forward pass is also the refresh pass (same parameters, same
         images, train mode), so the running statistics need no pass of their own. With two or
-        more steps the second step runs on that same forward pass (:meth:`_reused_step`).
+        more steps the second step runs on that same forward pass (:meth:`_reused_gradients`).
         """
         first_order = self.first_order or not training
         adapt_names = [n for n, _ in self._adapted_items()]
@@ -436,6 +460,7 @@ class MAML(Learner):
         if reuse and not all(t.requires_grad for t in adapted.values()):
             leaves = _as_inputs(adapted, True)
         support_features = None
+        first_gradients: Optional[Callable[[], Sequence[Tensor]]] = None
         if support_first:
             # first order (and no prototype head): the head's inner loop treats the features as constants
             keep_graph = not first_order or self.head_init == "proto" or reuse
@@ -458,10 +483,9 @@ class MAML(Learner):
                 return AdaptedTask(params=params, head=head)
             steps -= 1
             if reuse:
-                adapted, head = self._reused_step(
-                    support_features, adapted, leaves, head, support_labels, target, training, first_order
+                first_gradients = partial(
+                    self._reused_gradients, support_features, adapted, leaves, head, support_labels, target, first_order
                 )
-                steps -= 1
 
         def support_loss(adapted_: Params, head_: Params) -> Tensor:
             logits = F.linear(self._forward({**fixed, **adapted_}, support_images), head_["weight"], head_["bias"])
@@ -470,36 +494,34 @@ class MAML(Learner):
         def rate(group: int, name: str) -> Union[float, Tensor]:
             return self._lr(name, training) if group == 0 else self._head_lr(name, training)
 
-        adapted, head = inner_loop(support_loss, (adapted, head), steps, rate, first_order)
+        adapted, head = inner_loop(support_loss, (adapted, head), steps, rate, first_order, first_gradients)
         return AdaptedTask(params={**fixed, **adapted}, head=head)
 
-    def _reused_step(
-        self, features: Tensor, adapted: Params, leaves: Params, head: Params, labels: Tensor,
-        target: Any, training: bool, first_order: bool,
-    ) -> tuple[Params, Params]:
-        """The second inner step of a zero-head task on the first step's support ``features``.
+    def _reused_gradients(
+        self, features: Tensor, adapted: Params, leaves: Params, head: Params, labels: Tensor, target: Any,
+        first_order: bool,
+    ) -> list[Tensor]:
+        """The second inner step's gradients of a zero-head task, from the first step's support ``features``.
 
         The backbone has not moved since ``features`` were computed (the first step adapts only
         the head), so this step's support loss is ``loss(features, head)``. Its partial
         derivatives, as :func:`inner_loop` takes them (the head an independent variable although
         it depends on ``features``), come in two stages: w.r.t. an alias of ``features`` and the
         head, then from the features into the backbone (``leaves`` stand for ``adapted`` where
-        given). Same numbers as a new forward pass, one backbone forward pass less.
+        given). Same numbers as a new forward pass, one backbone forward pass less. Returned in
+        the order of ``adapted``'s tensors, then ``head``'s.
         """
         with torch.enable_grad():
             alias = features.detach().requires_grad_() if first_order else features.view_as(features)
             head_in = _as_inputs(head, first_order)
             logits = F.linear(alias, head_in["weight"], head_in["bias"])
             loss = task_loss(logits, labels, target, ordinal_loss=self.ordinal_loss)
-            g_feat, g_w, g_b = torch.autograd.grad(loss, [alias, head_in["weight"], head_in["bias"]], create_graph=not first_order)
-            names = list(adapted)
+            g_feat, *g_head = torch.autograd.grad(loss, [alias, *head_in.values()], create_graph=not first_order)
             g_adapted = torch.autograd.grad(
-                features, [leaves.get(n, adapted[n]) for n in names], g_feat,
+                features, [leaves.get(n, t) for n, t in adapted.items()], g_feat,
                 create_graph=not first_order, allow_unused=True, materialize_grads=True,
             )
-        new_adapted = {n: _sgd_update(adapted[n], g, self._lr(n, training)) for n, g in zip(names, g_adapted)}
-        new_head = {n: _sgd_update(head[n], g, self._head_lr(n, training)) for n, g in (("weight", g_w), ("bias", g_b))}
-        return new_adapted, new_head
+        return [*g_adapted, *g_head]
 
     def forward_adapted(self, adapted: AdaptedTask, images: Tensor) -> Tensor:
         """Logits of ``images`` under adapted parameters and head."""

@@ -51,7 +51,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ from medmeta.learners.base import EpisodeScope, Learner, Predictor, with_fixed_o
 from medmeta.learners.checks import check_episodes, check_query, check_support, feature_dim
 from medmeta.learners.heads import task_loss
 from medmeta.learners.protonet import class_prototypes, prototype_head
-from medmeta.modes import module_mode
+from medmeta.modes import cpu_channels_last, in_functorch_transform, module_mode
 from medmeta.tasks import Episode, TaskDescription
 
 __all__ = ["MAML", "MAMLVariant", "FOMAML", "ANIL", "MetaSGD", "ProtoMAML", "AdaptedTask", "BN_MODES", "HEAD_INITS", "inner_loop"]
@@ -134,11 +134,6 @@ def _lr_key(name: str) -> str:
 InnerRate = Union[float, Callable[[int, str], Union[float, Tensor]]]
 
 
-def _in_functorch_transform() -> bool:
-    """True inside ``torch.func.vmap`` / ``grad`` (where ``torch.autograd.grad`` cannot be used)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def _as_inputs(d: Params, first_order: bool) -> Params:
     """Independent variables standing for ``d``'s tensors, as ``torch.func.grad`` sees its arguments.
 
@@ -198,7 +193,7 @@ def inner_loop(
     current = tuple(params)
     if steps <= 0:
         return current
-    if _in_functorch_transform():
+    if in_functorch_transform():
         if first_gradients is not None:
             raise ValueError("inner_loop: first_gradients cannot be used under torch.func transforms")
         grad_fn = grad(loss_fn, argnums=tuple(range(len(current))))
@@ -379,6 +374,13 @@ class MAML(Learner):
             for bn in tracking:
                 bn.track_running_stats = True
 
+    def _meta_training_layout(self) -> ContextManager[None]:
+        """Meta-training passes that backpropagate second order through the backbone (two or more
+        inner steps, or a prototype head) keep CPU inputs in NCHW: Conv-4's channels-last
+        double-backward kernels are slower (:func:`medmeta.modes.cpu_channels_last`)."""
+        second_order = not self.first_order and not self.head_only and (self.inner_steps >= 2 or self.head_init == "proto")
+        return cpu_channels_last(False) if second_order else nullcontext()
+
     @contextmanager
     def _tracking_on(self) -> Iterator[None]:
         """Inside :meth:`_backbone_state`: BatchNorm layers update their running statistics again."""
@@ -455,7 +457,7 @@ class MAML(Learner):
         # zero head and a second step: that step's support forward pass is the first one (the backbone
         # did not move), so keep its graph (to leaves standing for ``adapted`` where those are no
         # graph inputs, e.g. at evaluation) and reuse it; not under torch.func transforms
-        reuse = zero_start and steps >= 2 and not _in_functorch_transform()
+        reuse = zero_start and steps >= 2 and not in_functorch_transform()
         leaves: Params = {}
         if reuse and not all(t.requires_grad for t in adapted.values()):
             leaves = _as_inputs(adapted, True)
@@ -583,7 +585,7 @@ class MAML(Learner):
         task as in :meth:`meta_backward`); ``False``: evaluation settings under ``torch.no_grad``.
         """
         check_episodes(episodes)
-        with self._backbone_state():
+        with self._backbone_state(), self._meta_training_layout() if training else nullcontext():
             refresh = training and self.update_running_stats
             if refresh and self.vmap:
                 self._refresh_running_stats([ep.support_images for ep in episodes])
@@ -678,7 +680,7 @@ class MAML(Learner):
             return losses.detach().mean()
         check_episodes(episodes)
         total: Optional[Tensor] = None
-        with self._backbone_state():
+        with self._backbone_state(), self._meta_training_layout():
             params: Params = dict(self.backbone.named_parameters())
             for ep in episodes:
                 with episode_scope(ep) if episode_scope is not None else nullcontext():

@@ -8,15 +8,15 @@ so it is created like any other timm model and exposes ``feature_info`` and
 On the CPU the blocks run in the channels-last memory format (``channels_last_on_cpu=True``):
 PyTorch's CPU max-pooling is about ten times faster on channels-last tensors than on NCHW ones,
 and oneDNN convolutions and BatchNorm take them natively, so a training step (forward and
-backward) runs about 1.7x faster at 28 and 84 px, inference 1.9-2.6x, first-order MAML and ANIL
-meta-training 1.4-1.7x (``benchmarks/bench_conv4_layout.py``). Its double-backward kernels are
+backward) runs 1.5-1.8x faster at 28 and 84 px, inference 2-3x, first-order MAML and ANIL
+meta-training about 1.8x (``benchmarks/bench_conv4_layout.py``). Its double-backward kernels are
 slower, so second-order MAML with two or more inner steps meta-trains in NCHW
-(:func:`medmeta.modes.cpu_channels_last`); ``channels_last_on_cpu=False``
-(``backbone.timm_kwargs={channels_last_on_cpu: false}``) turns the switch off. Features differ from the NCHW path only by float32 rounding (about
-1e-5). ``forward_features`` returns its map in channels-last (a ``.contiguous()`` there would send
-NCHW gradients back into the channels-last graph); ``forward_intermediates`` returns contiguous
-maps for the dense heads. On CUDA, and inside ``torch.func`` transforms (MAML with ``vmap``), the
-input layout is kept as given.
+(:func:`medmeta.modes.cpu_channels_last`). ``channels_last_on_cpu=False``
+(``backbone.timm_kwargs={channels_last_on_cpu: false}``) turns the switch off. Features differ
+from the NCHW path only by float32 rounding (about 1e-5). ``forward_features`` returns its map in
+channels-last (a ``.contiguous()`` there would send NCHW gradients back into the channels-last
+graph); ``forward_intermediates`` returns contiguous maps for the dense heads. On CUDA, and inside
+``torch.func`` transforms (MAML with ``vmap``), the input layout is kept as given.
 """
 from __future__ import annotations
 

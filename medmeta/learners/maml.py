@@ -226,6 +226,7 @@ def _step_gradients(
 
 
 def _sgd_step(params: tuple[Params, ...], grads: Sequence[Tensor], rate: Callable[[int, str], Union[float, Tensor]]) -> Iterator[Params]:
+    """The updated dicts of ``params``, one SGD step with ``grads`` (flattened in their order)."""
     it = iter(grads)
     for i, p in enumerate(params):
         yield {n: _sgd_update(t, next(it), rate(i, n)) for n, t in p.items()}
